@@ -1,0 +1,35 @@
+"""The wire contract of SOP.
+
+Owns the Avro schemas (``avsc/*.avsc``: ``Step``, ``EpisodeEvent``, ``InterventionEvent``; every
+released version kept under ``avsc/history/vN/``) and :mod:`schemas.codec`, the only code that
+encodes or decodes Avro. Messages use Avro single-object encoding (``C3 01`` marker, 8-byte
+little-endian CRC-64-AVRO fingerprint of the writer schema, binary payload); a decoder finds the
+writer schema by its fingerprint and reads with the current reader schema.
+
+    from schemas import codec
+    data = codec.encode("Step", step)          # bytes for Kafka
+    name, record = codec.decode(data)          # ("Step", {...}) in the current schema
+"""
+
+from schemas.codec import (
+    CorruptMessageError,
+    DecodeError,
+    InvalidMessageError,
+    UnknownSchemaError,
+    decode,
+    encode,
+    validate,
+)
+from schemas.records import RECORD_NAMES, TOPIC_OF_RECORD
+
+__all__ = [
+    "RECORD_NAMES",
+    "TOPIC_OF_RECORD",
+    "CorruptMessageError",
+    "DecodeError",
+    "InvalidMessageError",
+    "UnknownSchemaError",
+    "decode",
+    "encode",
+    "validate",
+]
