@@ -11,7 +11,7 @@ Everything here also works against an external deployment: topic creation takes 
     broker.stop()
 """
 
-from infra.kafka import KafkaBrokerConfig, LocalKafka, StackError, ensure_topics, free_port, TopicSpec
+from infra.kafka import KafkaBrokerConfig, LocalKafka, StackError, TopicSpec, ensure_topics, free_port
 from infra.mlflow_local import LocalMlflow, MlflowConfig
 
 __all__ = [

@@ -244,7 +244,8 @@ def wait_until_ready(bootstrap: str, *, timeout_s: float, client_config: dict | 
     """Block until the broker answers a metadata request and has a controller."""
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
-    admin = AdminClient({"bootstrap.servers": bootstrap, **(client_config or {})})
+    # log_level 0: "connection refused" while the broker boots is expected, not worth a line per retry
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0, **(client_config or {})})
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             tail = log_file.read_text()[-3000:] if log_file and log_file.exists() else ""

@@ -1,0 +1,1 @@
+"""One module per `sop` verb; each defines a click command named ``command``."""

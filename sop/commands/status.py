@@ -1,0 +1,59 @@
+"""`sop status`: what runs and where — broker, topics and their sizes, registry, UI."""
+
+from __future__ import annotations
+
+import click
+from confluent_kafka import Consumer, TopicPartition
+from rich.console import Console
+from rich.table import Table
+
+from sop.settings import SettingsError, load_settings
+from sop.stack import local_kafka, local_mlflow
+
+
+def topic_sizes(bootstrap: str, topics: list[str], client_config: dict) -> dict[str, tuple[int, int]]:
+    """topic -> (partitions, messages currently retained)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "sop-status", **client_config})
+    try:
+        md = consumer.list_topics(timeout=5).topics
+        out = {}
+        for t in topics:
+            if t not in md:
+                continue
+            total = 0
+            for p in md[t].partitions:
+                lo, hi = consumer.get_watermark_offsets(TopicPartition(t, p), timeout=5)
+                total += hi - lo
+            out[t] = (len(md[t].partitions), total)
+        return out
+    finally:
+        consumer.close()
+
+
+@click.command("status")
+def command() -> None:
+    """Say what runs and where."""
+    settings = load_settings()
+    console = Console()
+    table = Table(title=f"SOP stack ({settings.run_path})", show_lines=False)
+    table.add_column("part")
+    table.add_column("state")
+    table.add_column("where")
+    try:
+        bootstrap = settings.bootstrap()
+        broker = local_kafka(settings).state()
+        state = "external" if settings.kafka_bootstrap else ("running" if broker else "stopped")
+    except SettingsError:
+        bootstrap, state = None, "stopped"
+    table.add_row("kafka", state, bootstrap or "-")
+    if bootstrap and state != "stopped":
+        try:
+            for topic, (parts, n) in topic_sizes(bootstrap, list(settings.topics.values()),
+                                                 settings.kafka_client_config).items():
+                table.add_row(f"  {topic}", f"{n:,} messages", f"{parts} partitions")
+        except Exception as exc:  # status must always print something useful
+            table.add_row("  topics", f"[red]unreachable[/] {exc}", "")
+    ui = local_mlflow(settings).ui_state()
+    table.add_row("mlflow", "local sqlite" if not settings.mlflow_tracking_uri else "external", settings.tracking_uri)
+    table.add_row("mlflow ui", "running" if ui else "stopped", ui["url"] if ui else "-")
+    console.print(table)

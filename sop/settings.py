@@ -1,0 +1,125 @@
+"""Shared settings of every `sop` command: typed, validated at start, overridable by ``SOP_…`` variables.
+
+Every field maps to an environment variable: ``run_dir`` ← ``SOP_RUN_DIR``, ``kafka_bootstrap`` ←
+``SOP_KAFKA_BOOTSTRAP``, and so on. Dict fields take JSON (``SOP_KAFKA_CLIENT_CONFIG='{"security.protocol":
+"SASL_SSL"}'``). A bad value stops the command at start with a message naming the variable to fix.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from infra.kafka import DEFAULT_KAFKA_VERSION, TopicSpec
+
+
+class SettingsError(ValueError):
+    """A setting is invalid; the message names the ``SOP_…`` variable to fix."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SOP_", extra="ignore", frozen=True)
+
+    run_dir: Path = Field(Path(".sop"), description="Where the local stack keeps its data (Kafka logs, Delta tables, MLflow).")
+
+    # Kafka
+    kafka_bootstrap: str | None = Field(None, description="External Kafka bootstrap servers; unset = the local broker of `sop up`.")
+    kafka_client_config: dict[str, str] = Field(default_factory=dict, description="Extra librdkafka settings (SASL/TLS …), JSON.")
+    kafka_version: str = DEFAULT_KAFKA_VERSION
+    kafka_port: int = Field(9092, ge=0, lt=65536, description="Port of the local broker (0 = any free port).")
+    kafka_heap_mb: int = Field(768, ge=128)
+    topic_prefix: str = "sop."
+    topic_partitions: int = Field(4, ge=1, le=1024)
+    topic_retention_hours: float = Field(24 * 7, gt=0)
+    max_message_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024)
+
+    # Publisher
+    publish_linger_ms: int = Field(5, ge=0)
+    publish_compression: str = "lz4"
+    publish_queue_max_messages: int = Field(100_000, ge=100)
+    publish_queue_max_kbytes: int = Field(256 * 1024, ge=1024)
+    publish_delivery_timeout_ms: int = Field(120_000, ge=1000)
+
+    # Registry
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking URI; unset = SQLite under run_dir.")
+    mlflow_ui_port: int = Field(5000, ge=1, lt=65536)
+    policy_model_name: str = "sop-policy"
+    value_model_name: str = "sop-value"
+    policy_alias: str = "champion"
+
+    # Lakehouse
+    lake_uri: str | None = Field(None, description="Root of the Delta tables (path or s3://…); unset = run_dir/lake.")
+    lake_storage_options: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("publish_compression")
+    @classmethod
+    def _known_compression(cls, v: str) -> str:
+        allowed = {"none", "gzip", "snappy", "lz4", "zstd"}
+        if v not in allowed:
+            raise ValueError(f"must be one of {sorted(allowed)}")
+        return v
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _topic_prefix(cls, v: str) -> str:
+        if not v or any(c not in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-" for c in v):
+            raise ValueError("may hold only letters, digits, '.', '_' and '-'")
+        return v
+
+    # -- derived -------------------------------------------------------------------------------
+    @property
+    def run_path(self) -> Path:
+        return self.run_dir.resolve()
+
+    def topic(self, base: str) -> str:
+        return f"{self.topic_prefix}{base}"
+
+    @property
+    def topics(self) -> dict[str, str]:
+        """Record name → topic, plus the dead-letter topic under ``"deadletter"``."""
+        return {"Step": self.topic("steps"), "EpisodeEvent": self.topic("episodes"),
+                "InterventionEvent": self.topic("interventions"), "deadletter": self.topic("deadletter")}
+
+    def topic_specs(self) -> list[TopicSpec]:
+        return [TopicSpec(name=name, partitions=self.topic_partitions,
+                          retention_ms=int(self.topic_retention_hours * 3600 * 1000),
+                          max_message_bytes=self.max_message_bytes) for name in self.topics.values()]
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.run_path / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.run_path / "mlartifacts"
+
+    @property
+    def lake_root(self) -> str:
+        return self.lake_uri or str(self.run_path / "lake")
+
+    def bootstrap(self) -> str:
+        """The Kafka to talk to: SOP_KAFKA_BOOTSTRAP, else the local broker that `sop up` started."""
+        if self.kafka_bootstrap:
+            return self.kafka_bootstrap
+        state = self.run_path / "kafka" / "broker.json"
+        try:
+            return json.loads(state.read_text())["bootstrap"]
+        except (FileNotFoundError, KeyError, json.JSONDecodeError):
+            raise SettingsError(
+                f"no Kafka to talk to: run `sop up` (local broker under {self.run_path}) or set SOP_KAFKA_BOOTSTRAP"
+            ) from None
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment (and explicit overrides); raise :class:`SettingsError` on bad input."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            problems.append(f"SOP_{field.upper()}: {err['msg']} (got {err.get('input')!r})")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)) from None
