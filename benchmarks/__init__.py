@@ -1,0 +1,1 @@
+"""Reproducible benchmarks: each prints ratios measured in one run (the machines are shared and noisy)."""
