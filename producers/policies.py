@@ -1,0 +1,205 @@
+"""The runtime side of a registered policy: loading an MLflow model version into a ready-to-act
+:class:`~producers.interfaces.Policy`, and the scripted expert packaged as an MLflow pyfunc so it
+can stand in as ``sop-policy`` before the learner registers a learned one.
+
+Contract for every policy registered in MLflow: a ``mlflow.pyfunc.PythonModel`` whose
+``unwrap_python_model()`` has ``.act(observation) -> np.ndarray`` and a ``.version`` attribute.
+The registry's version number (a string, e.g. "3") is the policy version actors record in
+``Step.policy_version``: registering bakes it into the model, and loading by registry URI sets it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow.entities import LoggedModelStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from producers.interfaces import Observation, Policy
+
+DEFAULT_MODEL_NAME = "sop-policy"
+DEFAULT_ALIAS = "champion"
+DEFAULT_EXPERIMENT = "sop"  # the experiment `sop up` creates with a pinned artifact root
+
+
+def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/NAME@ALIAS`` -> (NAME, None, ALIAS); ``models:/NAME/N`` -> (NAME, "N", None).
+    ValueError for any other URI."""
+    prefix = "models:/"
+    if not model_uri.startswith(prefix):
+        raise ValueError(f"not a registered-model URI (models:/NAME@ALIAS or models:/NAME/N): {model_uri!r}")
+    rest = model_uri[len(prefix) :].strip("/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, None, alias
+    name, _, version = rest.partition("/")
+    if not version.isdigit():
+        raise ValueError(f"registered-model URI needs @ALIAS or a numeric version: {model_uri!r}")
+    return name, version, None
+
+
+def resolve_model_version(model_uri: str, *, tracking_uri: str | None = None, registry_uri: str | None = None) -> str:
+    """The version number a ``models:/`` URI points to now (an alias is resolved at this moment)."""
+    name, version, alias = parse_model_uri(model_uri)
+    if version is not None:
+        return version
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
+    return str(client.get_model_version_by_alias(name, alias).version)
+
+
+def load_policy_from_registry(
+    model_uri: str,
+    *,
+    tracking_uri: str | None = None,
+    registry_uri: str | None = None,
+    dst_path: str | None = None,
+) -> Policy:
+    """Download and load a policy. For ``models:/NAME@ALIAS`` the alias is resolved first and that
+    exact version is downloaded (so a concurrent alias move cannot mislabel it), and the policy's
+    ``.version`` becomes the registry version number. Other URIs (``runs:/``, a local path) keep
+    the model's own ``.version``."""
+    version: str | None = None
+    if model_uri.startswith("models:/"):
+        name = parse_model_uri(model_uri)[0]
+        version = resolve_model_version(model_uri, tracking_uri=tracking_uri, registry_uri=registry_uri)
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
+        # The version's storage location is a plain artifact URI (file://, s3://, ...): downloading it
+        # needs no registry lookup, which MLflow 3.17 would do against the process-wide registry URI.
+        model_uri = client.get_model_version_download_uri(name, version)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri, dst_path=dst_path)
+    policy = mlflow.pyfunc.load_model(local).unwrap_python_model()
+    if not callable(getattr(policy, "act", None)) or not hasattr(policy, "version"):
+        raise TypeError(
+            f"model {model_uri!r} is not a SOP policy: its python model {type(policy).__name__} "
+            "needs an act(observation) method and a version attribute"
+        )
+    if version is not None:
+        policy.version = version
+    return policy
+
+
+class ExpertPyfunc(mlflow.pyfunc.PythonModel):
+    """The (noisy) scripted expert as an MLflow pyfunc and a :class:`Policy`.
+
+    ``predict`` takes rows with ``task`` and ``proprio`` (the 39-d state) and returns actions
+    (n, 4); actors use :meth:`act`.
+    """
+
+    def __init__(self, *, noise_sigma: float = 0.0, seed: int | None = None, version: str = "expert") -> None:
+        self.noise_sigma = noise_sigma
+        self.seed = seed
+        self.version = version
+        self._policy: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_policy": None}
+
+    def _expert(self) -> Any:
+        if self._policy is None:
+            from producers.sim.expert import ExpertPolicy  # imports MetaWorld
+
+            self._policy = ExpertPolicy(noise_sigma=self.noise_sigma, seed=self.seed, version=self.version)
+        return self._policy
+
+    def act(self, observation: Observation) -> np.ndarray:
+        return self._expert().act(observation)
+
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+        rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
+        observations = [
+            Observation(
+                images={}, proprio=np.asarray(row["proprio"], dtype=np.float32), instruction="", task=row["task"]
+            )
+            for row in rows
+        ]
+        return np.stack([self.act(obs) for obs in observations]) if observations else np.zeros((0, 4), np.float32)
+
+
+def _experiment_id(client: MlflowClient, experiment: str, artifact_location: str | None) -> str:
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    if artifact_location is None:
+        # MLflow would otherwise put artifacts under ./mlruns of whatever directory this runs in.
+        raise ValueError(
+            f"MLflow experiment {experiment!r} does not exist; "
+            "pass artifact_location=... to create it with a fixed artifact root"
+        )
+    return client.create_experiment(experiment, artifact_location=artifact_location)
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name)
+        except MlflowException:  # created concurrently by another process
+            client.get_registered_model(name)
+
+
+def register_policy(
+    make_model: Callable[[str], mlflow.pyfunc.PythonModel],
+    tracking_uri: str,
+    *,
+    model_name: str = DEFAULT_MODEL_NAME,
+    alias: str | None = DEFAULT_ALIAS,
+    experiment: str = DEFAULT_EXPERIMENT,
+    artifact_location: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> str:
+    """Register a new version of ``model_name`` holding ``make_model(version)``, point ``alias`` at
+    it (None: leave the alias alone) and return the version number.
+
+    The version is created first so that its number is baked into the model (``.version``), as
+    the learner does; nobody loads it before the alias moves, and a failed upload deletes it.
+    Only ``MlflowClient`` calls: the process-wide tracking URI is neither read nor changed.
+    The experiment is created with ``artifact_location`` if it does not exist yet.
+    """
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    experiment_id = _experiment_id(client, experiment, artifact_location)
+    _ensure_registered_model(client, model_name)
+    logged = client.create_logged_model(experiment_id=experiment_id, name=model_name, tags=tags)
+    created = client.create_model_version(model_name, source=logged.artifact_location, tags=tags)
+    version = str(created.version)
+    try:
+        with tempfile.TemporaryDirectory(prefix="sop-policy-") as tmp:
+            model_dir = Path(tmp) / "model"
+            mlflow.pyfunc.save_model(str(model_dir), python_model=make_model(version), pip_requirements=[])
+            client.log_model_artifacts(logged.model_id, str(model_dir))
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    except BaseException:
+        client.delete_model_version(model_name, version)
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    if alias is not None:
+        client.set_registered_model_alias(model_name, alias, version)
+    return version
+
+
+def register_expert_policy(
+    tracking_uri: str,
+    *,
+    noise_sigma: float = 0.2,
+    seed: int | None = None,
+    model_name: str = DEFAULT_MODEL_NAME,
+    alias: str | None = DEFAULT_ALIAS,
+    experiment: str = DEFAULT_EXPERIMENT,
+    artifact_location: str | None = None,
+) -> str:
+    """Register the noisy scripted expert as a version of ``model_name`` (a stand-in policy)."""
+    return register_policy(
+        lambda version: ExpertPyfunc(noise_sigma=noise_sigma, seed=seed, version=version),
+        tracking_uri,
+        model_name=model_name,
+        alias=alias,
+        experiment=experiment,
+        artifact_location=artifact_location,
+        tags={"sop.policy": "scripted-expert", "sop.noise_sigma": str(noise_sigma)},
+    )
