@@ -1,1 +1,42 @@
-"""placeholder"""
+"""The learner: the VLA policy and value models, HG-DAgger and RECAP, the adaptive online/offline sampler,
+the training loop, and publishing versions to the MLflow registry.
+
+Modules (import them directly; this file imports nothing, so ``learner.recap`` stays torch-free):
+
+- ``config``      frozen, validated settings (EncoderConfig, ModelConfig, ValueConfig, RecapConfig,
+                  SamplerConfig, TrainConfig) and their JSON round trip
+- ``recap``       numpy-only rewards, returns, advantages, indicators; the stream processor (``consumers``)
+                  imports it too, so both sides compute RECAP identically
+- ``text``        frozen MiniLM sentence encoder with memory/disk caches; ``EmbeddingTable``
+- ``batch``       stored step rows -> labels (``prepare_episode``) -> lazily decoded ``Batch``
+- ``model``       ``VLAPolicy`` (CNN or ViT images + instruction + proprio + RECAP indicator -> action chunk),
+                  ``PolicyRuntime`` (``act(observation)``, optional classifier-free guidance)
+- ``value``       distributional ``ValueModel`` (201 bins over the normalised return), ``train_value``
+- ``algorithms``  the ``Algorithm`` protocol, ``HGDagger``, ``Recap``
+- ``sampler``     ``AdaptiveSampler`` (equal task weights, loss-driven online share), ``Prefetcher``
+- ``trainer``     ``Learner``: one update per ``step()``; ``AsyncPublisher``
+- ``registry``    ``register_policy`` / ``register_value`` / ``load_latest``: pyfunc versions actors load
+
+The training loop::
+
+    cfg_model, cfg_sampler, cfg_train = ModelConfig(), SamplerConfig(), TrainConfig(algorithm="hg-dagger")
+    text = SentenceEncoder(cache_dir=run_dir / "embeddings")
+    resumed = load_latest("sop-policy", tracking_uri=uri)               # None on a fresh start
+    model = resumed.model if resumed else VLAPolicy(cfg_model)
+    algorithm = make_algorithm(cfg_train.algorithm, RecapConfig())
+    build = BatchBuilder(cfg_model.encoder, text, chunk=cfg_model.chunk, action_dim=cfg_model.action_dim)
+    sampler = AdaptiveSampler(cfg_sampler, build, chunk=cfg_model.chunk, accept=algorithm.accepts)
+    for episode in demonstrations:                                      # offline: clean expert labels
+        sampler.add_episode(episode, source="offline")
+    publish = AsyncPublisher(PolicyPublisher(tracking_uri=uri, embeddings=text.table, lineage=lambda: {...},
+                                             condition=algorithm.condition))   # registers off-thread
+    with Prefetcher(sampler, depth=cfg_sampler.prefetch_batches) as batches, publish:
+        learner = Learner(model, algorithm, batches, cfg_train, feedback=sampler, publish=publish,
+                          omega=sampler.omega, start_step=resumed.lineage["learner_step"] if resumed else 0)
+        while True:
+            for episode in new_closed_episodes():                       # robots' rollouts, human takeovers
+                sampler.add_episode(episode, source="online")
+            if isinstance(algorithm, Recap) and learner.steps % 100 == 0:  # keep ~30% positive per task
+                algorithm.refresh_epsilons(sampler.advantages())
+            metrics = learner.step()                                    # never waits on data
+"""

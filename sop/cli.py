@@ -11,7 +11,7 @@ from sop.settings import SettingsError
 
 # verb -> module in sop.commands (each defines a click command called `command`)
 VERBS = {
-    "up": "up", "down": "down", "status": "status", "loadgen": "loadgen", "run": "run",
+    "up": "up", "down": "down", "status": "status", "loadgen": "loadgen", "run": "run", "process": "process",
 }
 
 

@@ -50,6 +50,17 @@ class Settings(BaseSettings):
     value_model_name: str = "sop-value"
     policy_alias: str = "champion"
 
+    # Stream processor
+    processor_group: str = "sop-processor"
+    processor_flush_interval_s: float = Field(1.0, gt=0)
+    processor_end_grace_s: float = Field(15.0, gt=0)
+    processor_abort_timeout_s: float = Field(120.0, gt=0)
+
+    # RECAP rewards (computed by the processor at episode close)
+    max_episode_steps: int = Field(150, ge=1, le=500, description="Episode cap; also the per-task return normaliser.")
+    recap_c_fail: float | None = Field(None, ge=0, description="Failure penalty; unset = max_episode_steps.")
+    recap_advantage_horizon: int = Field(50, ge=1)
+
     # Lakehouse
     lake_uri: str | None = Field(None, description="Root of the Delta tables (path or s3://…); unset = run_dir/lake.")
     lake_storage_options: dict[str, str] = Field(default_factory=dict)

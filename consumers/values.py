@@ -1,0 +1,73 @@
+"""The frozen value model the processor uses for V(o_t), when one is registered in MLflow as ``sop-value``.
+
+The model's own code is loaded by MLflow (``mlflow.pyfunc``); this package only asks the registry
+for the newest version (or an alias) now and then and calls ``values_for_rows(step records)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+log = logging.getLogger("sop.processor.values")
+
+
+class RegistryValueSource:
+    """Polls the registry for ``name`` (alias ``champion`` if set, else the newest version) every ``poll_s``."""
+
+    def __init__(self, *, tracking_uri: str | None, name: str = "sop-value", alias: str | None = "champion",
+                 poll_s: float = 60.0) -> None:
+        self.tracking_uri, self.name, self.alias, self.poll_s = tracking_uri, name, alias, poll_s
+        self.version: str | None = None
+        self._model = None
+        self._checked_at = -1e9
+
+    def _latest(self) -> str | None:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        try:
+            if self.alias:
+                try:
+                    return client.get_model_version_by_alias(self.name, self.alias).version
+                except MlflowException:
+                    pass
+            versions = client.search_model_versions(f"name = '{self.name}'")
+        except MlflowException:
+            return None
+        return max((v.version for v in versions), key=int, default=None)
+
+    def refresh(self) -> None:
+        if self.tracking_uri is None or time.monotonic() - self._checked_at < self.poll_s:
+            return
+        self._checked_at = time.monotonic()
+        latest = self._latest()
+        if latest is None or latest == self.version:
+            return
+        import mlflow.pyfunc
+        from mlflow.tracking import MlflowClient
+
+        try:
+            client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+            source = client.get_model_version_download_uri(self.name, latest)
+            model = mlflow.pyfunc.load_model(source).unwrap_python_model()
+            if not hasattr(model, "values_for_rows"):
+                raise TypeError(f"{self.name} v{latest} has no values_for_rows()")
+        except Exception as exc:  # a broken version must not stop the processor
+            log.warning("value model %s v%s refused: %s; keeping %s", self.name, latest, exc, self.version)
+            return
+        self._model, self.version = model, latest
+        log.info("value model %s v%s loaded", self.name, latest)
+
+    @property
+    def source_label(self) -> str | None:
+        return f"value_model:{self.name}/{self.version}" if self._model is not None else None
+
+    def __call__(self, task: str, records: Sequence[dict]) -> np.ndarray | None:
+        if self._model is None:
+            return None
+        return np.asarray(self._model.values_for_rows(records), dtype=np.float64)

@@ -1,0 +1,53 @@
+"""`sop process`: the faust stream processor (episodes, rewards, advantages → Delta, exactly once)."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+from confluent_kafka.admin import AdminClient
+
+from sop.settings import Settings, load_settings
+
+
+def processor_config(settings: Settings, **overrides: object):  # noqa: ANN201 - ProcessorConfig
+    from consumers.assembly import RewardConfig
+    from consumers.processor import ProcessorConfig
+
+    bootstrap = settings.bootstrap()
+    md = AdminClient({"bootstrap.servers": bootstrap, **settings.kafka_client_config}).list_topics(timeout=15).topics
+    counts = {t: len(md[t].partitions) for t in settings.topics.values() if t in md}
+    missing = [t for t in settings.topics.values() if t not in md]
+    if missing:
+        raise click.ClickException(f"topics {missing} do not exist on {bootstrap}: run `sop up` first")
+    if len(set(counts.values())) != 1:
+        raise click.ClickException(f"the topics must have the same number of partitions (co-partitioned by episode): {counts}")
+    kwargs = dict(
+        bootstrap=bootstrap, topics=settings.topics, partitions=next(iter(counts.values())),
+        lake_root=settings.lake_root, lake_storage_options=settings.lake_storage_options,
+        group_id=settings.processor_group, datadir=settings.run_path / "processor",
+        flush_interval_s=settings.processor_flush_interval_s, end_grace_s=settings.processor_end_grace_s,
+        abort_timeout_s=settings.processor_abort_timeout_s, tracking_uri=settings.tracking_uri,
+        value_model_name=settings.value_model_name,
+        reward=RewardConfig(max_episode_length=settings.max_episode_steps, c_fail=settings.recap_c_fail,
+                            advantage_horizon=settings.recap_advantage_horizon),
+        metrics_file=settings.run_path / "processor" / f"metrics-{settings.processor_group}.json",
+    )
+    kwargs.update(overrides)
+    try:
+        return ProcessorConfig(**kwargs)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.command("process")
+@click.option("--loglevel", default="warning", type=click.Choice(["debug", "info", "warning", "error"]))
+def command(loglevel: str) -> None:
+    """Run the stream processor until Ctrl-C (several can run in one consumer group: one per partition at most)."""
+    from consumers.processor import build_app, run_worker
+
+    settings = load_settings()
+    config = processor_config(settings)
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app, _ = build_app(config)
+    run_worker(app, loglevel="warn" if loglevel == "warning" else loglevel)
