@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 import click
@@ -11,7 +12,17 @@ from sop.settings import SettingsError
 
 # verb -> module in sop.commands (each defines a click command called `command`)
 VERBS = {
-    "up": "up", "down": "down", "status": "status", "loadgen": "loadgen", "run": "run", "process": "process",
+    # stack
+    "up": "up", "down": "down", "status": "status",
+    # robots
+    "loadgen": "loadgen", "actor": "actor", "fleet": "fleet", "demos": "demos",
+    # stream processing and lakehouse
+    "process": "process", "sql": "sql", "lake": "lake", "replay": "replay",
+    # learner and registry
+    "learn": "learn", "pretrain": "pretrain", "train-value": "train_value", "promote": "promote",
+    "rollback": "rollback",
+    # the whole loop
+    "run": "run", "eval": "eval",
 }
 
 
@@ -19,12 +30,18 @@ class LazyGroup(click.Group):
     """Imports a verb's module only when it runs, so `sop status` does not pay for torch."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(VERBS)
+        return sorted(v for v in VERBS if importlib.util.find_spec(f"sop.commands.{VERBS[v]}") is not None)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in VERBS:
             return None
-        return importlib.import_module(f"sop.commands.{VERBS[name]}").command
+        try:
+            module = importlib.import_module(f"sop.commands.{VERBS[name]}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"sop.commands.{VERBS[name]}":
+                return None  # verb planned but not built in this checkout
+            raise
+        return module.command
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
