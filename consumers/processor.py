@@ -69,6 +69,8 @@ class ProcessorConfig:
     compaction_min_small_files: int = 64
     compaction_interval_s: float = 900.0
     metrics_file: Path | None = None
+    # replay: topic -> partition -> first offset NOT to process (events from there on are skipped)
+    stop_offsets: dict[str, dict[int, int]] | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -165,6 +167,14 @@ class Processor:
         self.deadletter_topic: Any = None
 
     # -- helpers called inside agents (event context of the right partition) --------------------------
+    def beyond_stop(self, msg: Any) -> bool:
+        """Replay with an end: events at or after the stop offset of their partition are not processed."""
+        stops = self.config.stop_offsets
+        if not stops or msg.topic not in stops:
+            return False
+        stop = stops[msg.topic].get(msg.partition)
+        return stop is not None and msg.offset >= stop
+
     def finish_written(self, partition: int) -> None:
         """Mark episodes already in Delta as closed and drop their steps (changelog writes to ``partition``)."""
         for eid in self.finish_queue.pop(partition, []):
@@ -333,6 +343,8 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Processor]:
         async for event in stream.events():
             msg = event.message
             p = msg.partition
+            if proc.beyond_stop(msg):
+                continue
             proc.rescan(p)
             proc.finish_written(p)
             try:
@@ -364,6 +376,9 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Processor]:
         async for event in stream.noack().events():
             msg = event.message
             p = msg.partition
+            if proc.beyond_stop(msg):
+                event.ack()
+                continue
             proc.rescan(p)
             proc.finish_written(p)
             try:
@@ -396,6 +411,9 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Processor]:
         async for event in stream.noack().events():
             msg = event.message
             p = msg.partition
+            if proc.beyond_stop(msg):
+                event.ack()
+                continue
             proc.rescan(p)
             proc.finish_written(p)
             try:

@@ -42,12 +42,21 @@ def processor_config(settings: Settings, **overrides: object):  # noqa: ANN201 -
 
 @click.command("process")
 @click.option("--loglevel", default="warning", type=click.Choice(["debug", "info", "warning", "error"]))
-def command(loglevel: str) -> None:
+@click.option("--stop-offsets", "stop_offsets_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="JSON {topic: {partition: offset}}: do not process events from these offsets on (used by replay).")
+def command(loglevel: str, stop_offsets_file: str | None) -> None:
     """Run the stream processor until Ctrl-C (several can run in one consumer group: one per partition at most)."""
+    import json
+    from pathlib import Path
+
     from consumers.processor import build_app, run_worker
 
     settings = load_settings()
-    config = processor_config(settings)
+    overrides = {}
+    if stop_offsets_file:
+        raw = json.loads(Path(stop_offsets_file).read_text())
+        overrides["stop_offsets"] = {t: {int(p): int(o) for p, o in parts.items()} for t, parts in raw.items()}
+    config = processor_config(settings, **overrides)
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app, _ = build_app(config)
     run_worker(app, loglevel="warn" if loglevel == "warning" else loglevel)
