@@ -47,16 +47,18 @@ class RewardConfig:
 
 def new_meta(episode_id: str, partition: int, now_s: float) -> dict:
     return {"episode_id": episode_id, "partition": partition, "status": OPEN, "first_seen_s": now_s,
-            "last_seen_s": now_s, "steps": 0, "max_step": -1, "first_step_offset": None, "started": None,
-            "ended": None, "interventions": [], "versions": [], "closed_at_s": None}
+            "last_seen_s": now_s, "have": "0", "steps": 0, "max_step": -1, "first_step_offset": None,
+            "started": None, "ended": None, "interventions": [], "versions": [], "closed_at_s": None}
 
 
-def on_step(meta: dict, step: dict, *, offset: int, now_s: float, is_new: bool) -> dict:
-    """Account for a step (``is_new`` = its step index was not stored yet; replays are idempotent)."""
+def on_step(meta: dict, step: dict, *, offset: int, now_s: float) -> dict:
+    """Account for a step. Idempotent: the step indices seen are a bit set, so a replayed step (after a
+    crash lost some table updates but not others) sets the same bit again and counts once."""
     meta["last_seen_s"] = now_s
-    if is_new:
-        meta["steps"] += 1
-        meta["max_step"] = max(meta["max_step"], step["step_index"])
+    have = int(meta["have"], 16) | (1 << step["step_index"])
+    meta["have"] = format(have, "x")
+    meta["steps"] = have.bit_count()
+    meta["max_step"] = have.bit_length() - 1
     if meta["first_step_offset"] is None or offset < meta["first_step_offset"]:
         meta["first_step_offset"] = offset
     if step["policy_version"] not in meta["versions"]:

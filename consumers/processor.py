@@ -69,6 +69,7 @@ class ProcessorConfig:
     compaction_min_small_files: int = 64
     compaction_interval_s: float = 900.0
     metrics_file: Path | None = None
+    session_timeout_s: float = 10.0
     # replay: topic -> partition -> first offset NOT to process (events from there on are skipped)
     stop_offsets: dict[str, dict[int, int]] | None = None
 
@@ -227,7 +228,10 @@ class Processor:
             (offset,) = _OFFSET.unpack_from(raw)
             _, record = codec.decode(raw[_OFFSET.size:], validate_record=False)
             steps.append((record, self.config.topics["Step"], meta["partition"], offset))
-        self.values.refresh()
+        try:
+            self.values.refresh()
+        except Exception as exc:  # the registry being away must not stop ingest: fall back to the baseline
+            log.warning("value model lookup failed (%s); using the running baseline", exc)
         closed = assembly.close_episode(meta, steps, config=self.config.reward, baseline=self.baseline,
                                         value_fn=self.values if self.values.source_label else None,
                                         value_source=self.values.source_label)
@@ -319,6 +323,8 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Processor]:
         config.group_id, broker=f"kafka://{config.bootstrap}", store="memory://", datadir=str(config.datadir),
         topic_replication_factor=1, topic_partitions=config.partitions, web_enabled=False,
         consumer_auto_offset_reset="earliest", stream_wait_empty=False, broker_commit_interval=1.0,
+        # a killed worker's partitions move to its replacement after this long (faust's default is 60 s)
+        broker_session_timeout=config.session_timeout_s, broker_heartbeat_interval=config.session_timeout_s / 4,
         producer_max_request_size=8 * 1024 * 1024, consumer_max_fetch_size=16 * 1024 * 1024,
         table_cleanup_interval=3600.0,
     )
@@ -338,132 +344,157 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Processor]:
             raise codec.InvalidMessageError(f"a {name} record on the {expected} topic {event.message.topic}")
         return record
 
+    async def guarded(event: Any, handle: Any, *, ack: bool) -> None:
+        """Run one event's handler; an unexpected error dead-letters that event instead of killing the agent."""
+        try:
+            await handle(event)
+        except Exception as exc:
+            log.exception("unexpected error on %s[%d]@%d", event.message.topic, event.message.partition,
+                          event.message.offset)
+            await proc.dead_letter(event, exc)
+            if ack:
+                event.ack()
+
     @app.agent(steps_topic)
     async def on_steps(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            msg = event.message
-            p = msg.partition
-            if proc.beyond_stop(msg):
-                continue
-            proc.rescan(p)
-            proc.finish_written(p)
-            try:
-                step = decoded(event, "Step")
-            except codec.DecodeError as exc:
-                await proc.dead_letter(event, exc)
-                continue
-            proc.step_next[p] = max(proc.step_next.get(p, 0), msg.offset + 1)
-            eid = step["episode_id"]
-            key = eid.encode()
-            m = meta.get(key)
-            if m is not None and (m["status"] == CLOSED or eid in proc.closing):
-                continue  # a replayed or late step of an episode already written
-            now = time.time()
-            m = m or assembly.new_meta(eid, p, now)
-            skey = f"{eid}#{step['step_index']}".encode()
-            is_new = skey not in stepbuf
-            if is_new:
-                stepbuf[skey] = _OFFSET.pack(msg.offset) + msg.value
-            assembly.on_step(m, step, offset=msg.offset, now_s=now, is_new=is_new)
-            meta[key] = m
-            proc.open_first_step[p].setdefault(eid, m["first_step_offset"])
-            proc.metrics.steps_in += is_new
-            if assembly.is_complete(m):
-                proc.close(m, reason="complete")
+            await guarded(event, handle_step, ack=False)
+
+    async def handle_step(event: Any) -> None:
+        msg = event.message
+        p = msg.partition
+        if proc.beyond_stop(msg):
+            return
+        proc.rescan(p)
+        proc.finish_written(p)
+        try:
+            step = decoded(event, "Step")
+        except codec.DecodeError as exc:
+            await proc.dead_letter(event, exc)
+            return
+        proc.step_next[p] = max(proc.step_next.get(p, 0), msg.offset + 1)
+        eid = step["episode_id"]
+        key = eid.encode()
+        m = meta.get(key)
+        if m is not None and (m["status"] == CLOSED or eid in proc.closing):
+            return  # a replayed or late step of an episode already written
+        now = time.time()
+        m = m or assembly.new_meta(eid, p, now)
+        skey = f"{eid}#{step['step_index']}".encode()
+        if skey not in stepbuf:
+            stepbuf[skey] = _OFFSET.pack(msg.offset) + msg.value
+            proc.metrics.steps_in += 1
+        assembly.on_step(m, step, offset=msg.offset, now_s=now)
+        meta[key] = m
+        proc.open_first_step[p].setdefault(eid, m["first_step_offset"])
+        if assembly.is_complete(m):
+            proc.close(m, reason="complete")
 
     @app.agent(episodes_topic)
     async def on_episodes(stream: faust.StreamT) -> None:
         async for event in stream.noack().events():
-            msg = event.message
-            p = msg.partition
-            if proc.beyond_stop(msg):
-                event.ack()
-                continue
-            proc.rescan(p)
-            proc.finish_written(p)
-            try:
-                ev = decoded(event, "EpisodeEvent")
-            except codec.DecodeError as exc:
-                await proc.dead_letter(event, exc)
-                event.ack()
-                continue
-            proc.end_next[p] = max(proc.end_next.get(p, 0), msg.offset + 1)
-            eid = ev["episode_id"]
-            key = eid.encode()
-            m = meta.get(key)
-            if m is not None and m["status"] == CLOSED:
-                event.ack()
-                continue
-            m = m or assembly.new_meta(eid, p, time.time())
-            assembly.on_episode_event(m, ev, topic=msg.topic, partition=p, offset=msg.offset, now_s=time.time())
-            meta[key] = m
-            end = m["ended"]
-            if ev["kind"] == "STARTED" or end is None or end["offset"] != msg.offset or eid in proc.closing:
-                event.ack()  # nothing to write for it (its state is in the changelog) or a duplicate end
-                continue
-            proc.open_end_offsets[p][eid] = msg.offset
-            proc.pending.events_to_ack.append(event)
-            if assembly.is_complete(m):
-                proc.close(m, reason="complete")
+            await guarded(event, handle_episode_event, ack=True)
+
+    async def handle_episode_event(event: Any) -> None:
+        msg = event.message
+        p = msg.partition
+        if proc.beyond_stop(msg):
+            event.ack()
+            return
+        proc.rescan(p)
+        proc.finish_written(p)
+        try:
+            ev = decoded(event, "EpisodeEvent")
+        except codec.DecodeError as exc:
+            await proc.dead_letter(event, exc)
+            event.ack()
+            return
+        proc.end_next[p] = max(proc.end_next.get(p, 0), msg.offset + 1)
+        eid = ev["episode_id"]
+        key = eid.encode()
+        m = meta.get(key)
+        if m is not None and m["status"] == CLOSED:
+            event.ack()
+            return
+        m = m or assembly.new_meta(eid, p, time.time())
+        assembly.on_episode_event(m, ev, topic=msg.topic, partition=p, offset=msg.offset, now_s=time.time())
+        meta[key] = m
+        end = m["ended"]
+        if ev["kind"] == "STARTED" or end is None or end["offset"] != msg.offset or eid in proc.closing:
+            event.ack()  # nothing to write for it (its state is in the changelog) or a duplicate end
+            return
+        proc.open_end_offsets[p][eid] = msg.offset
+        proc.pending.events_to_ack.append(event)
+        if assembly.is_complete(m):
+            proc.close(m, reason="complete")
 
     @app.agent(interventions_topic)
     async def on_interventions(stream: faust.StreamT) -> None:
         async for event in stream.noack().events():
-            msg = event.message
-            p = msg.partition
-            if proc.beyond_stop(msg):
-                event.ack()
-                continue
-            proc.rescan(p)
-            proc.finish_written(p)
-            try:
-                ev = decoded(event, "InterventionEvent")
-            except codec.DecodeError as exc:
-                await proc.dead_letter(event, exc)
-                event.ack()
-                continue
-            key = ev["episode_id"].encode()
-            m = meta.get(key)
-            if m is None or m["status"] == OPEN:
-                m = m or assembly.new_meta(ev["episode_id"], p, time.time())
-                assembly.on_intervention(m, ev, now_s=time.time())
-                meta[key] = m
-            proc.pending.interventions.append({**ev, "kafka_topic": msg.topic, "kafka_partition": p,
-                                               "kafka_offset": msg.offset})
-            proc.pending.events_to_ack.append(event)
-            proc.metrics.interventions_in += 1
+            await guarded(event, handle_intervention, ack=True)
+
+    async def handle_intervention(event: Any) -> None:
+        msg = event.message
+        p = msg.partition
+        if proc.beyond_stop(msg):
+            event.ack()
+            return
+        proc.rescan(p)
+        proc.finish_written(p)
+        try:
+            ev = decoded(event, "InterventionEvent")
+        except codec.DecodeError as exc:
+            await proc.dead_letter(event, exc)
+            event.ack()
+            return
+        key = ev["episode_id"].encode()
+        m = meta.get(key)
+        if m is None or m["status"] == OPEN:
+            m = m or assembly.new_meta(ev["episode_id"], p, time.time())
+            assembly.on_intervention(m, ev, now_s=time.time())
+            meta[key] = m
+        proc.pending.interventions.append({**ev, "kafka_topic": msg.topic, "kafka_partition": p,
+                                           "kafka_offset": msg.offset})
+        proc.pending.events_to_ack.append(event)
+        proc.metrics.interventions_in += 1
 
     @app.agent(control_topic)
     async def on_control(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            msg = event.message
-            p = msg.partition
-            proc.rescan(p)
-            proc.finish_written(p)
-            now = time.time()
-            cfg = proc.config
-            for key, m in list(meta.items()):
-                if m.get("partition") != p:
-                    continue
-                eid = m["episode_id"]
-                if m["status"] == CLOSED:
-                    if now - (m.get("closed_at_s") or now) > cfg.tombstone_ttl_s:
-                        del meta[key]
-                    continue
-                if eid in proc.closing:
-                    continue
-                if assembly.is_complete(m):
-                    proc.close(m, reason="complete")
-                elif assembly.should_force_close(m, now_s=now, grace_s=cfg.end_grace_s):
-                    log.warning("episode %s: %d of %d steps after %.0fs; closing with what arrived", eid,
-                                m["steps"], m["ended"]["num_steps"], cfg.end_grace_s)
-                    proc.close(m, reason="forced")
-                elif assembly.should_abort(m, now_s=now, timeout_s=cfg.abort_timeout_s):
-                    assembly.abort(m, topic=msg.topic, partition=p, offset=msg.offset, now_us=int(now * 1e6))
-                    meta[key] = m
-                    log.warning("episode %s: no end after %.0fs of silence; stored as ABORTED", eid,
-                                cfg.abort_timeout_s)
-                    proc.close(m, reason="aborted")
+            try:
+                await handle_tick(event)
+            except Exception:  # a tick carries no data: log and wait for the next one
+                log.exception("tick handling failed")
+
+    async def handle_tick(event: Any) -> None:
+        msg = event.message
+        p = msg.partition
+        proc.rescan(p)
+        proc.finish_written(p)
+        now = time.time()
+        cfg = proc.config
+        for key, m in list(meta.items()):
+            if m.get("partition") != p:
+                continue
+            eid = m["episode_id"]
+            if m["status"] == CLOSED:
+                if now - (m.get("closed_at_s") or now) > cfg.tombstone_ttl_s:
+                    del meta[key]
+                continue
+            if eid in proc.closing:
+                continue
+            if assembly.is_complete(m):
+                proc.close(m, reason="complete")
+            elif assembly.should_force_close(m, now_s=now, grace_s=cfg.end_grace_s):
+                log.warning("episode %s: %d of %d steps after %.0fs; closing with what arrived", eid,
+                            m["steps"], m["ended"]["num_steps"], cfg.end_grace_s)
+                proc.close(m, reason="forced")
+            elif assembly.should_abort(m, now_s=now, timeout_s=cfg.abort_timeout_s):
+                assembly.abort(m, topic=msg.topic, partition=p, offset=msg.offset, now_us=int(now * 1e6))
+                meta[key] = m
+                log.warning("episode %s: no end after %.0fs of silence; stored as ABORTED", eid,
+                            cfg.abort_timeout_s)
+                proc.close(m, reason="aborted")
 
     @app.timer(config.tick_interval_s)
     async def tick() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -45,6 +46,8 @@ class RegistryValueSource:
         if self.tracking_uri is None or time.monotonic() - self._checked_at < self.poll_s:
             return
         self._checked_at = time.monotonic()
+        if self.tracking_uri.startswith("sqlite:///") and not Path(self.tracking_uri.removeprefix("sqlite:///")).exists():
+            return  # no registry yet; opening it would create (and migrate) the database from here
         latest = self._latest()
         if latest is None or latest == self.version:
             return

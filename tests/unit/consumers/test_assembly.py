@@ -16,7 +16,7 @@ def _step(i: int, *, controller: str = "POLICY", eid: str = "e1") -> dict:
 def _meta(n: int, outcome: str, *, interventions=()) -> dict:
     meta = assembly.new_meta("e1", 0, 0.0)
     for i in range(n):
-        assembly.on_step(meta, _step(i), offset=100 + i, now_s=1.0, is_new=True)
+        assembly.on_step(meta, _step(i), offset=100 + i, now_s=1.0)
     for kind, idx in interventions:
         assembly.on_intervention(meta, {"episode_id": "e1", "actor_id": "a", "task": "t", "kind": kind,
                                         "step_index": idx}, now_s=1.0)
@@ -62,7 +62,7 @@ def test_aborted_episode_is_truncated_not_failed() -> None:
     cfg = RewardConfig(max_episode_length=10, c_fail=5, advantage_horizon=50)
     meta = assembly.new_meta("e1", 0, 0.0)
     for i in range(3):
-        assembly.on_step(meta, _step(i), offset=i, now_s=0.0, is_new=True)
+        assembly.on_step(meta, _step(i), offset=i, now_s=0.0)
     assert assembly.should_abort(meta, now_s=100.0, timeout_s=60)
     assert not assembly.should_abort(meta, now_s=30.0, timeout_s=60)
     assembly.abort(meta, topic="ctl", partition=0, offset=9, now_us=5)
@@ -85,7 +85,7 @@ def test_value_model_values_are_used_for_the_n_step_advantage() -> None:
 
 def test_replayed_steps_and_duplicate_ends_change_nothing() -> None:
     meta = _meta(3, "SUCCESS")
-    assembly.on_step(meta, _step(1), offset=101, now_s=3.0, is_new=False)  # replay of a stored step
+    assembly.on_step(meta, _step(1), offset=101, now_s=3.0)  # replay of a stored step
     assert meta["steps"] == 3 and assembly.is_complete(meta)
     first_end = dict(meta["ended"])
     assembly.on_episode_event(meta, {"episode_id": "e1", "kind": "ENDED", "actor_id": "a", "task": "t",

@@ -1,0 +1,186 @@
+"""An actor against the real stack: MetaWorld robots rendering small frames, the policy from a real MLflow
+registry (followed live), the simulated operator, every record through a real Kafka broker and decoded back."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import mlflow
+import numpy as np
+import pytest
+
+from consumers.decoding import DecodingConsumer, DecodingConsumerConfig
+from producers.actor import Actor, ActorConfig
+from producers.fleet import ActorMonitor
+from producers.operator import GatedExpertOperator
+from producers.policies import register_expert_policy, register_policy
+from producers.publisher import EventPublisher, PublisherConfig
+from producers.registry_source import RegistryPolicySource, RegistrySourceConfig
+from producers.sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
+
+pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore")]
+
+TASKS = ("reach-v3", "drawer-open-v3")
+
+
+@dataclass
+class Running:
+    actor: Actor
+    source: RegistryPolicySource
+    publisher: EventPublisher
+    monitor: ActorMonitor
+
+    def wait(self, what: Callable[[], bool], *, timeout_s: float = 90.0) -> None:
+        """Wait for a condition (a bound on a hang, not a timing assertion)."""
+        deadline = time.monotonic() + timeout_s
+        while not what():
+            assert time.monotonic() < deadline, "the actor did not get there"
+            time.sleep(0.05)
+
+    def episodes_done(self) -> int:
+        return len(self.actor.history)
+
+
+@contextmanager
+def running_actor(kafka, topics: dict[str, str], mlflow_uri: str) -> Iterator[Running]:  # noqa: ANN001
+    robots = [MetaWorldRobot(MetaWorldRobotConfig(task=t, image_size=32, max_steps=60)) for t in TASKS]
+    source = RegistryPolicySource(RegistrySourceConfig(tracking_uri=mlflow_uri, poll_interval_s=0.2),
+                                  probe=robots[0].reset(seed=10_000))
+    publisher = EventPublisher(PublisherConfig(bootstrap=kafka.bootstrap, topics=topics))
+    monitor = ActorMonitor("it-actor")
+    actor = Actor(robots, source, GatedExpertOperator(), monitor.sink(publisher),
+                  ActorConfig(actor_id="it-actor"), on_episode=monitor.on_episode)
+    source.start()
+    source.wait_ready(60)
+    thread = threading.Thread(target=actor.run, daemon=True)
+    thread.start()
+    try:
+        yield Running(actor, source, publisher, monitor)
+    finally:
+        actor.stop()
+        thread.join(60)
+        source.close()
+        for robot in robots:
+            robot.close()
+    assert not thread.is_alive()
+    assert publisher.flush(30) == 0 and publisher.stats.failed == 0
+
+
+def consume_all(kafka, topics: dict[str, str], count: int) -> list:  # noqa: ANN001
+    consumer = DecodingConsumer(DecodingConsumerConfig(
+        bootstrap=kafka.bootstrap, group_id=f"g-{uuid.uuid4().hex[:6]}",
+        topics=[topics[n] for n in ("Step", "EpisodeEvent", "InterventionEvent")],
+        deadletter_topic=topics["deadletter"]))
+    with consumer:
+        got = list(consumer.messages(timeout_s=60, max_messages=count))
+    assert len(got) == count and consumer.counts.deadlettered == 0
+    return got
+
+
+@dataclass
+class Episode:
+    started: dict
+    ended: dict
+    steps: list[dict]
+    interventions: list[dict]
+
+    @property
+    def version(self) -> str:
+        return self.started["policy_version"]
+
+
+def episodes_of(messages: list) -> list[Episode]:
+    """Episodes in the order the actor ran them, each checked for a well-formed record stream."""
+    by_id: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for m in messages:
+        assert m.key == m.record["episode_id"]
+        by_id[m.record["episode_id"]][m.name].append(m.record)
+    episodes = []
+    for episode_id, records in by_id.items():
+        events = records["EpisodeEvent"]
+        assert [e["kind"] for e in events] == ["STARTED", "ENDED"], episode_id
+        steps = records["Step"]
+        assert [s["step_index"] for s in steps] == list(range(len(steps)))  # key = episode: in order
+        assert events[1]["num_steps"] == len(steps)
+        episodes.append(Episode(events[0], events[1], steps, records["InterventionEvent"]))
+    return sorted(episodes, key=lambda e: e.started["episode_id"])  # ids end in the actor's episode number
+
+
+def test_actor_publishes_decodable_episodes_and_switches_versions_between_episodes(kafka, topics, mlflow_uri) -> None:
+    register_expert_policy(mlflow_uri, noise_sigma=0.3, seed=1)
+    with running_actor(kafka, topics, mlflow_uri) as run:
+        run.wait(lambda: run.episodes_done() >= 2)
+        register_expert_policy(mlflow_uri, noise_sigma=0.3, seed=2)  # the learner registers version 2
+        run.wait(lambda: run.source.version == "2")
+        switched_at = run.source.history[-1].loaded_at
+        after_switch = run.episodes_done()
+        run.wait(lambda: run.episodes_done() >= after_switch + 3)
+    published = run.publisher.stats.delivered
+    episodes = episodes_of(consume_all(kafka, topics, published))
+
+    assert len(episodes) == len(run.actor.history) >= 5
+    assert {e.started["task"] for e in episodes} == set(TASKS)
+    assert {e.ended["outcome"] for e in episodes[:-1]} <= {"SUCCESS", "TIMEOUT"}
+    assert sum(len(e.steps) for e in episodes) == run.monitor.status().steps
+    for e in episodes:  # every step carries the version that acted, and a version holds for a whole episode
+        assert {s["policy_version"] for s in e.steps} == {e.version} == {e.ended["policy_version"]}
+        assert all(s["images"][0]["width"] == 32 and s["images"][0]["encoding"] == "jpeg" for s in e.steps)
+        assert all(len(s["action"]) == 4 and len(s["proprio"]) == 39 for s in e.steps)
+        kinds = [i["kind"] for i in e.interventions]
+        assert kinds == ["STARTED", "ENDED"] * (len(kinds) // 2)
+        human = {s["step_index"] for s in e.steps if s["controller"] == "HUMAN"}
+        assert all(np.isfinite(s["action"]).all() for s in e.steps) and len(human) <= len(e.steps)
+    versions = [e.version for e in episodes]
+    first_new = versions.index("2")
+    assert versions == ["1"] * first_new + ["2"] * (len(versions) - first_new)  # switches only between episodes
+    # the switch is taken at the next episode: at most the episode already starting runs the old version
+    late = [e for e in episodes if e.version == "1" and e.started["event_time_us"] / 1e6 > switched_at]
+    assert len(late) <= 1
+
+
+class LoadContextRaises(mlflow.pyfunc.PythonModel):
+    """A registered version whose artifact cannot be loaded."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+
+    def load_context(self, context) -> None:  # type: ignore[no-untyped-def]
+        raise RuntimeError("corrupt weights")
+
+    def act(self, observation):  # type: ignore[no-untyped-def]
+        return np.zeros(4, np.float32)
+
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+        return model_input
+
+
+class ActsWithTheWrongShape(LoadContextRaises):
+    def load_context(self, context) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    def act(self, observation):  # type: ignore[no-untyped-def]
+        return np.zeros(2, np.float32)
+
+
+def test_broken_versions_are_refused_and_the_actor_keeps_acting(kafka, topics, mlflow_uri) -> None:
+    register_expert_policy(mlflow_uri, noise_sigma=0.3, seed=1)
+    with running_actor(kafka, topics, mlflow_uri) as run:
+        run.wait(lambda: run.episodes_done() >= 1)
+        assert register_policy(LoadContextRaises, mlflow_uri) == "2"
+        run.wait(lambda: "2" in run.source.refused)
+        assert register_policy(ActsWithTheWrongShape, mlflow_uri) == "3"
+        run.wait(lambda: "3" in run.source.refused)
+        refused_at = run.source.refusals[-1].at
+        before = run.episodes_done()
+        run.wait(lambda: run.episodes_done() >= before + 2)
+        assert run.source.version == "1" and run.source.refused_count == 2
+        assert "corrupt weights" in run.source.refused["2"] and "shape (2,)" in run.source.refused["3"]
+    episodes = episodes_of(consume_all(kafka, topics, run.publisher.stats.delivered))
+    assert {s["policy_version"] for e in episodes for s in e.steps} == {"1"}
+    assert sum(e.started["event_time_us"] / 1e6 > refused_at for e in episodes) >= 2  # kept acting afterwards

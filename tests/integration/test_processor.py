@@ -1,0 +1,162 @@
+"""The stream processor against the real broker and real Delta tables: exactly once, replay, dead letters."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+from confluent_kafka import Consumer, Producer
+
+from consumers.deadletter import HEADER_OFFSET, HEADER_TOPIC, parse_headers
+from lakehouse import Lakehouse, query
+from producers.loadgen import LoadGenConfig, iter_fleet, run_loadgen
+from producers.publisher import EventPublisher, PublisherConfig
+from tests.integration.processing import ProcessorProcess, count, wait_for
+
+EPISODES = "SELECT count(*) FROM episodes"
+STEPS = "SELECT count(*) FROM steps"
+DUPLICATE_STEPS = "SELECT count(*) FROM (SELECT episode_id, step_index FROM steps GROUP BY 1, 2 HAVING count(*) > 1)"
+DUPLICATE_EPISODES = "SELECT count(*) FROM (SELECT episode_id FROM episodes GROUP BY 1 HAVING count(*) > 1)"
+
+
+def _publish(kafka, topics, cfg: LoadGenConfig):
+    with EventPublisher(PublisherConfig(bootstrap=kafka.bootstrap, topics=topics)) as pub:
+        report = run_loadgen(cfg, pub)
+        assert pub.flush(30) == 0 and pub.stats.failed == 0
+    return report
+
+
+def test_n_episodes_become_exactly_n_rows(kafka, topics, tmp_path) -> None:
+    report = _publish(kafka, topics, LoadGenConfig(robots=4, hz=0, duration_s=None, episodes=24, seed=11,
+                                                   min_steps=10, max_steps=60, intervention_rate=0.5))
+    lake = tmp_path / "lake"
+    proc = ProcessorProcess(bootstrap=kafka.bootstrap, topics=topics, run_dir=tmp_path, lake=lake).start()
+    try:
+        wait_for(lambda: count(lake, EPISODES) >= report.episodes and count(lake, STEPS) >= report.steps,
+                 timeout_s=180, processor=proc)
+        time.sleep(2)  # nothing more may arrive
+        assert count(lake, EPISODES) == report.episodes == 24
+        assert count(lake, STEPS) == report.steps
+        assert count(lake, DUPLICATE_STEPS) == 0
+        lh = Lakehouse(str(lake))
+        assert count(lake, "SELECT count(*) FROM interventions WHERE kind = 'STARTED'") == report.interventions
+        by_outcome = dict(query(lh, "SELECT outcome, count(*) FROM episodes GROUP BY 1").to_pylist()
+                          and [(r["outcome"], r["count_star()"]) for r in
+                               query(lh, "SELECT outcome, count(*) FROM episodes GROUP BY 1").to_pylist()])
+        assert by_outcome == dict(report.outcomes)
+        # every step row of an episode carries the episode's outcome and the RECAP columns
+        bad = query(lh, "SELECT count(*) FROM steps s JOIN episodes e USING (episode_id) "
+                        "WHERE s.outcome <> e.outcome OR s.episode_length <> e.num_steps OR s.advantage IS NULL "
+                        "OR s.mc_return > 0 OR s.mc_return < -1").column(0)[0].as_py()
+        assert bad == 0
+    finally:
+        proc.stop()
+
+
+def test_sigkill_mid_stream_still_exactly_once(kafka, topics, tmp_path) -> None:
+    lake = tmp_path / "lake"
+    proc = ProcessorProcess(bootstrap=kafka.bootstrap, topics=topics, run_dir=tmp_path, lake=lake,
+                            group="sigkill-group").start()
+    cfg = LoadGenConfig(robots=6, hz=40, duration_s=25, seed=5, min_steps=20, max_steps=80, intervention_rate=0.4)
+    result = {}
+    publisher = threading.Thread(target=lambda: result.update(report=_publish(kafka, topics, cfg)))
+    publisher.start()
+    rng = random.Random(3)
+    try:
+        for _ in range(3):  # kill it three times while data flows
+            time.sleep(rng.uniform(4, 7))
+            proc.kill()
+            time.sleep(rng.uniform(0.2, 1.5))
+            proc.start()
+        publisher.join()
+        report = result["report"]
+        wait_for(lambda: count(lake, EPISODES) >= report.episodes and count(lake, STEPS) >= report.steps,
+                 timeout_s=240, processor=proc)
+        time.sleep(3)
+        assert count(lake, EPISODES) == report.episodes
+        assert count(lake, STEPS) == report.steps
+        assert count(lake, DUPLICATE_STEPS) == 0
+        assert count(lake, DUPLICATE_EPISODES) == 0
+        assert count(lake, "SELECT count(*) FROM interventions WHERE kind = 'STARTED'") == report.interventions
+    finally:
+        proc.stop()
+
+
+def test_replay_of_the_whole_topic_gives_the_same_rows(kafka, topics, tmp_path, monkeypatch) -> None:
+    report = _publish(kafka, topics, LoadGenConfig(robots=3, hz=0, duration_s=None, episodes=12, seed=21,
+                                                   min_steps=5, max_steps=40, intervention_rate=0.5))
+    lake = tmp_path / "lake"
+    proc = ProcessorProcess(bootstrap=kafka.bootstrap, topics=topics, run_dir=tmp_path, lake=lake).start()
+    try:
+        wait_for(lambda: count(lake, EPISODES) >= report.episodes, timeout_s=180, processor=proc)
+    finally:
+        proc.stop()
+
+    from sop.commands.replay import replay_into
+    from sop.settings import load_settings
+
+    for key, value in proc.env.items():
+        if key.startswith("SOP_"):
+            monkeypatch.setenv(key, value)
+    rebuilt = tmp_path / "rebuilt"
+    out = replay_into(load_settings(), into=str(rebuilt), timeout_s=300)
+    assert out["messages"] > report.steps
+    cols = "episode_id, step_index, controller, reward, mc_return, outcome, episode_length, kafka_offset"
+    live = query(Lakehouse(str(lake)), f"SELECT {cols} FROM steps ORDER BY 1, 2").to_pylist()
+    again = query(Lakehouse(str(rebuilt)), f"SELECT {cols} FROM steps ORDER BY 1, 2").to_pylist()
+    assert len(again) == report.steps and again == live
+    ecols = "episode_id, outcome, num_steps, num_interventions, human_steps, mc_return"
+    assert query(Lakehouse(str(rebuilt)), f"SELECT {ecols} FROM episodes ORDER BY 1").to_pylist() == \
+        query(Lakehouse(str(lake)), f"SELECT {ecols} FROM episodes ORDER BY 1").to_pylist()
+
+
+def test_poisoned_message_is_dead_lettered_and_the_partition_keeps_moving(kafka, topics, tmp_path) -> None:
+    records = list(iter_fleet(LoadGenConfig(robots=1, hz=0, duration_s=None, episodes=3, min_steps=6,
+                                            max_steps=6, seed=2)))
+    raw = Producer({"bootstrap.servers": kafka.bootstrap})
+    with EventPublisher(PublisherConfig(bootstrap=kafka.bootstrap, topics=topics)) as pub:
+        for i, (name, rec) in enumerate(records):
+            pub.publish(name, rec, key=rec["episode_id"])
+            if i == 5:  # poison the same partition as the first episode, mid-episode
+                pub.flush()
+                raw.produce(topics["Step"], b"\x00\x01 definitely not avro", rec["episode_id"].encode())
+                raw.flush(10)
+    lake = tmp_path / "lake"
+    proc = ProcessorProcess(bootstrap=kafka.bootstrap, topics=topics, run_dir=tmp_path, lake=lake).start()
+    try:
+        wait_for(lambda: count(lake, EPISODES) >= 3, timeout_s=180, processor=proc)
+        assert count(lake, STEPS) == 18
+    finally:
+        proc.stop()
+    dlq = Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": "dlq", "auto.offset.reset": "earliest"})
+    dlq.subscribe([topics["deadletter"]])
+    letter = None
+    for _ in range(60):
+        m = dlq.poll(0.5)
+        if m is not None and not m.error():
+            letter = m
+            break
+    dlq.close()
+    assert letter is not None and letter.value() == b"\x00\x01 definitely not avro"
+    headers = parse_headers(letter.headers())
+    assert headers[HEADER_TOPIC] == topics["Step"] and headers[HEADER_OFFSET].isdigit()
+
+
+def test_episode_without_end_is_stored_as_aborted(kafka, topics, tmp_path) -> None:
+    records = list(iter_fleet(LoadGenConfig(robots=1, hz=0, duration_s=None, episodes=1, min_steps=8,
+                                            max_steps=8, seed=4)))
+    assert records[-1][0] == "EpisodeEvent"
+    with EventPublisher(PublisherConfig(bootstrap=kafka.bootstrap, topics=topics)) as pub:
+        for name, rec in records[:-1]:  # the robot dies before its ENDED event
+            pub.publish(name, rec, key=rec["episode_id"])
+    lake = tmp_path / "lake"
+    proc = ProcessorProcess(bootstrap=kafka.bootstrap, topics=topics, run_dir=tmp_path, lake=lake,
+                            processor_abort_timeout_s=4).start()
+    try:
+        wait_for(lambda: count(lake, EPISODES) >= 1, timeout_s=120, processor=proc)
+    finally:
+        proc.stop()
+    row = query(Lakehouse(str(lake)), "SELECT outcome, closed_by, num_steps FROM episodes").to_pylist()
+    assert row == [{"outcome": "ABORTED", "closed_by": "timeout", "num_steps": 8}]
+    assert count(lake, "SELECT count(*) FROM steps WHERE outcome = 'ABORTED'") == 8
