@@ -57,7 +57,7 @@ def main() -> None:
                     raw = Producer(pconf.librdkafka())
                     delivered = [0]
 
-                    def cb(err, _msg) -> None:  # noqa: ANN001
+                    def cb(err, _msg, delivered=delivered) -> None:  # noqa: ANN001
                         delivered[0] += err is None
 
                     for r, data in zip(steps, encoded, strict=True):

@@ -46,30 +46,43 @@ class RewardConfig:
 # -- meta updates ----------------------------------------------------------------------------------
 
 def new_meta(episode_id: str, partition: int, now_s: float) -> dict:
+    """The persisted state of an open episode; written when the episode appears and when its end, a
+    takeover or a new policy version arrives — not per step (the steps themselves live in the step store)."""
     return {"episode_id": episode_id, "partition": partition, "status": OPEN, "first_seen_s": now_s,
-            "last_seen_s": now_s, "have": "0", "steps": 0, "max_step": -1, "first_step_offset": None,
-            "started": None, "ended": None, "interventions": [], "versions": [], "closed_at_s": None}
+            "first_step_offset": None, "started": None, "ended": None, "interventions": [], "versions": [],
+            "closed_at_s": None}
 
 
-def on_step(meta: dict, step: dict, *, offset: int, now_s: float) -> dict:
-    """Account for a step. Idempotent: the step indices seen are a bit set, so a replayed step (after a
-    crash lost some table updates but not others) sets the same bit again and counts once."""
-    meta["last_seen_s"] = now_s
-    have = int(meta["have"], 16) | (1 << step["step_index"])
-    meta["have"] = format(have, "x")
-    meta["steps"] = have.bit_count()
-    meta["max_step"] = have.bit_length() - 1
+@dataclass
+class Presence:
+    """Which step indices of an open episode are stored, and when it was last heard of (memory only:
+    rebuilt from the step store after a restart, so a crash cannot make the two disagree)."""
+
+    indices: set[int] = field(default_factory=set)
+    last_seen_s: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return len(self.indices)
+
+
+def on_step(meta: dict, step: dict, *, offset: int) -> bool:
+    """Account for a step in the persisted meta; returns whether the meta changed (and must be written)."""
+    changed = False
     if meta["first_step_offset"] is None or offset < meta["first_step_offset"]:
         meta["first_step_offset"] = offset
+        changed = True
     if step["policy_version"] not in meta["versions"]:
         meta["versions"].append(step["policy_version"])
+        changed = True
     for key in ("task", "actor_id", "instruction"):
-        meta.setdefault(key, step[key])
-    return meta
+        if key not in meta:
+            meta[key] = step[key]
+            changed = True
+    return changed
 
 
-def on_episode_event(meta: dict, event: dict, *, topic: str, partition: int, offset: int, now_s: float) -> dict:
-    meta["last_seen_s"] = now_s
+def on_episode_event(meta: dict, event: dict, *, topic: str, partition: int, offset: int) -> dict:
     for key in ("task", "actor_id", "instruction"):
         meta.setdefault(key, event[key])
     if event["kind"] == "STARTED":
@@ -83,8 +96,7 @@ def on_episode_event(meta: dict, event: dict, *, topic: str, partition: int, off
     return meta
 
 
-def on_intervention(meta: dict, event: dict, *, now_s: float) -> dict:
-    meta["last_seen_s"] = now_s
+def on_intervention(meta: dict, event: dict) -> dict:
     for key in ("task", "actor_id"):
         meta.setdefault(key, event[key])
     entry = [event["kind"], event["step_index"]]
@@ -93,28 +105,28 @@ def on_intervention(meta: dict, event: dict, *, now_s: float) -> dict:
     return meta
 
 
-def abort(meta: dict, *, topic: str, partition: int, offset: int, now_us: int) -> dict:
+def abort(meta: dict, present: Presence, *, topic: str, partition: int, offset: int, now_us: int) -> dict:
     """Close an episode whose end never came (the robot died) as ABORTED, anchored on a control offset."""
-    meta["ended"] = {"outcome": "ABORTED", "num_steps": meta["steps"], "event_time_us": now_us, "topic": topic,
+    meta["ended"] = {"outcome": "ABORTED", "num_steps": present.count, "event_time_us": now_us, "topic": topic,
                      "partition": partition, "offset": offset, "closed_by": "timeout", "seed": None,
                      "policy_version": (meta["versions"] or ["unknown"])[-1]}
     return meta
 
 
-def is_complete(meta: dict) -> bool:
+def is_complete(meta: dict, present: Presence) -> bool:
     """The end arrived and every step it announced is here."""
     end = meta["ended"]
-    return end is not None and meta["steps"] >= end["num_steps"]
+    return end is not None and present.count >= end["num_steps"]
 
 
-def should_force_close(meta: dict, *, now_s: float, grace_s: float) -> bool:
+def should_force_close(meta: dict, present: Presence, *, now_s: float, grace_s: float) -> bool:
     """The end arrived but steps are still missing after ``grace_s`` without news: close with what we have."""
-    return meta["status"] == OPEN and meta["ended"] is not None and not is_complete(meta) and \
-        now_s - meta["last_seen_s"] >= grace_s
+    return meta["status"] == OPEN and meta["ended"] is not None and not is_complete(meta, present) and \
+        now_s - present.last_seen_s >= grace_s
 
 
-def should_abort(meta: dict, *, now_s: float, timeout_s: float) -> bool:
-    return meta["status"] == OPEN and meta["ended"] is None and now_s - meta["last_seen_s"] >= timeout_s
+def should_abort(meta: dict, present: Presence, *, now_s: float, timeout_s: float) -> bool:
+    return meta["status"] == OPEN and meta["ended"] is None and now_s - present.last_seen_s >= timeout_s
 
 
 # -- close -----------------------------------------------------------------------------------------

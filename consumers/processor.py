@@ -154,6 +154,7 @@ class Processor:
         self.end_next: dict[int, int] = {}
         self.open_end_offsets: dict[int, dict[str, int]] = defaultdict(dict)
         self.scanned: set[int] = set()
+        self.presence: dict[str, assembly.Presence] = {}
         self.baseline = RunningBaseline(buckets=config.reward.baseline_buckets,
                                         max_episode_length=config.reward.max_episode_length)
         self.values = RegistryValueSource(tracking_uri=config.tracking_uri, name=config.value_model_name,
@@ -176,6 +177,23 @@ class Processor:
         stop = stops[msg.topic].get(msg.partition)
         return stop is not None and msg.offset >= stop
 
+    def present(self, eid: str, meta: dict) -> assembly.Presence:
+        """The episode's stored step indices; after a restart, found by probing the recovered step store."""
+        found = self.presence.get(eid)
+        if found is None:
+            found = assembly.Presence(last_seen_s=time.time())
+            announced = meta["ended"]["num_steps"] if meta.get("ended") else 0
+            misses, i = 0, 0
+            while i < announced or misses < 64:  # step indices are dense; 64 misses in a row end the probe
+                if f"{eid}#{i}".encode() in self.stepbuf:
+                    found.indices.add(i)
+                    misses = 0
+                else:
+                    misses += 1
+                i += 1
+            self.presence[eid] = found
+        return found
+
     def finish_written(self, partition: int) -> None:
         """Mark episodes already in Delta as closed and drop their steps (changelog writes to ``partition``)."""
         for eid in self.finish_queue.pop(partition, []):
@@ -183,13 +201,14 @@ class Processor:
             meta = self.meta.get(key)
             if meta is None:
                 continue
-            for i in range(meta["max_step"] + 1):
+            for i in sorted(self.present(eid, meta).indices):
                 with contextlib.suppress(KeyError):
                     del self.stepbuf[f"{eid}#{i}".encode()]
             meta["status"] = CLOSED
             meta["closed_at_s"] = time.time()
             self.meta[key] = meta
             self.closing.discard(eid)
+            self.presence.pop(eid, None)
 
     def rescan(self, partition: int) -> None:
         """After a (re)start: learn the open episodes of ``partition`` from the recovered meta table."""
@@ -221,7 +240,7 @@ class Processor:
         if eid in self.closing:
             return
         steps = []
-        for i in range(meta["max_step"] + 1):
+        for i in sorted(self.present(eid, meta).indices):
             raw = self.stepbuf.get(f"{eid}#{i}".encode())
             if raw is None:
                 continue
@@ -379,15 +398,19 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Processor]:
         if m is not None and (m["status"] == CLOSED or eid in proc.closing):
             return  # a replayed or late step of an episode already written
         now = time.time()
+        created = m is None
         m = m or assembly.new_meta(eid, p, now)
         skey = f"{eid}#{step['step_index']}".encode()
         if skey not in stepbuf:
             stepbuf[skey] = _OFFSET.pack(msg.offset) + msg.value
             proc.metrics.steps_in += 1
-        assembly.on_step(m, step, offset=msg.offset, now_s=now)
-        meta[key] = m
+        present = proc.present(eid, m)
+        present.indices.add(step["step_index"])
+        present.last_seen_s = now
+        if assembly.on_step(m, step, offset=msg.offset) or created:
+            meta[key] = m
         proc.open_first_step[p].setdefault(eid, m["first_step_offset"])
-        if assembly.is_complete(m):
+        if m["ended"] is not None and assembly.is_complete(m, present):
             proc.close(m, reason="complete")
 
     @app.agent(episodes_topic)
@@ -417,15 +440,17 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Processor]:
             event.ack()
             return
         m = m or assembly.new_meta(eid, p, time.time())
-        assembly.on_episode_event(m, ev, topic=msg.topic, partition=p, offset=msg.offset, now_s=time.time())
+        assembly.on_episode_event(m, ev, topic=msg.topic, partition=p, offset=msg.offset)
         meta[key] = m
+        present = proc.present(eid, m)
+        present.last_seen_s = time.time()
         end = m["ended"]
         if ev["kind"] == "STARTED" or end is None or end["offset"] != msg.offset or eid in proc.closing:
             event.ack()  # nothing to write for it (its state is in the changelog) or a duplicate end
             return
         proc.open_end_offsets[p][eid] = msg.offset
         proc.pending.events_to_ack.append(event)
-        if assembly.is_complete(m):
+        if assembly.is_complete(m, present):
             proc.close(m, reason="complete")
 
     @app.agent(interventions_topic)
@@ -451,8 +476,9 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Processor]:
         m = meta.get(key)
         if m is None or m["status"] == OPEN:
             m = m or assembly.new_meta(ev["episode_id"], p, time.time())
-            assembly.on_intervention(m, ev, now_s=time.time())
+            assembly.on_intervention(m, ev)
             meta[key] = m
+            proc.present(ev["episode_id"], m).last_seen_s = time.time()
         proc.pending.interventions.append({**ev, "kafka_topic": msg.topic, "kafka_partition": p,
                                            "kafka_offset": msg.offset})
         proc.pending.events_to_ack.append(event)
@@ -483,14 +509,15 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Processor]:
                 continue
             if eid in proc.closing:
                 continue
-            if assembly.is_complete(m):
+            present = proc.present(eid, m)
+            if assembly.is_complete(m, present):
                 proc.close(m, reason="complete")
-            elif assembly.should_force_close(m, now_s=now, grace_s=cfg.end_grace_s):
+            elif assembly.should_force_close(m, present, now_s=now, grace_s=cfg.end_grace_s):
                 log.warning("episode %s: %d of %d steps after %.0fs; closing with what arrived", eid,
-                            m["steps"], m["ended"]["num_steps"], cfg.end_grace_s)
+                            present.count, m["ended"]["num_steps"], cfg.end_grace_s)
                 proc.close(m, reason="forced")
-            elif assembly.should_abort(m, now_s=now, timeout_s=cfg.abort_timeout_s):
-                assembly.abort(m, topic=msg.topic, partition=p, offset=msg.offset, now_us=int(now * 1e6))
+            elif assembly.should_abort(m, present, now_s=now, timeout_s=cfg.abort_timeout_s):
+                assembly.abort(m, present, topic=msg.topic, partition=p, offset=msg.offset, now_us=int(now * 1e6))
                 meta[key] = m
                 log.warning("episode %s: no end after %.0fs of silence; stored as ABORTED", eid,
                             cfg.abort_timeout_s)

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
 
     # Stream processor
     processor_group: str = "sop-processor"
-    processor_flush_interval_s: float = Field(1.0, gt=0)
+    processor_flush_interval_s: float = Field(0.5, gt=0)
     processor_end_grace_s: float = Field(15.0, gt=0)
     processor_abort_timeout_s: float = Field(120.0, gt=0)
 

@@ -2,58 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 from lakehouse import Lakehouse, query
+from sop.processes import SopProcess, processor_process
 
 
-class ProcessorProcess:
-    """`python -m sop process` with the test's topics, lake and consumer group; killable."""
-
-    def __init__(self, *, bootstrap: str, topics: dict[str, str], run_dir: Path, lake: Path,
-                 group: str | None = None, **settings: object) -> None:
-        prefix = topics["Step"].removesuffix("steps")
-        self.env = {**os.environ, "SOP_KAFKA_BOOTSTRAP": bootstrap, "SOP_TOPIC_PREFIX": prefix,
-                    "SOP_RUN_DIR": str(run_dir), "SOP_LAKE_URI": str(lake),
-                    "SOP_PROCESSOR_GROUP": group or f"proc-{uuid.uuid4().hex[:8]}",
-                    "SOP_MLFLOW_TRACKING_URI": f"sqlite:///{run_dir / 'mlflow.db'}",
-                    "SOP_PROCESSOR_FLUSH_INTERVAL_S": "0.5"}
-        self.env.update({f"SOP_{k.upper()}": str(v) for k, v in settings.items()})
-        self.log = run_dir / "processor.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> ProcessorProcess:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "sop", "process"], env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT)
-        return self
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def assert_alive(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"processor exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
+def ProcessorProcess(*, bootstrap: str, topics: dict[str, str], run_dir: Path, lake: Path,  # noqa: N802
+                     group: str | None = None, **settings: object) -> SopProcess:
+    settings.setdefault("processor_flush_interval_s", 0.5)
+    return processor_process(bootstrap=bootstrap, topics=topics, run_dir=run_dir, lake=lake,
+                             group=group or f"proc-{uuid.uuid4().hex[:8]}", **settings)
 
 
 def count(lake: Path, sql: str) -> int:
@@ -63,7 +24,7 @@ def count(lake: Path, sql: str) -> int:
     return int(query(lh, sql).column(0)[0].as_py())
 
 
-def wait_for(predicate, *, timeout_s: float, processor: ProcessorProcess | None = None,  # noqa: ANN001
+def wait_for(predicate, *, timeout_s: float, processor: SopProcess | None = None,  # noqa: ANN001
              interval_s: float = 1.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -72,5 +33,4 @@ def wait_for(predicate, *, timeout_s: float, processor: ProcessorProcess | None 
         if predicate():
             return
         time.sleep(interval_s)
-    log = processor.log.read_text()[-3000:] if processor else ""
-    raise AssertionError(f"condition not met within {timeout_s:.0f}s\n{log}")
+    raise AssertionError(f"condition not met within {timeout_s:.0f}s\n{processor.tail() if processor else ''}")

@@ -16,15 +16,18 @@ def _step(i: int, *, controller: str = "POLICY", eid: str = "e1") -> dict:
 def _meta(n: int, outcome: str, *, interventions=()) -> dict:
     meta = assembly.new_meta("e1", 0, 0.0)
     for i in range(n):
-        assembly.on_step(meta, _step(i), offset=100 + i, now_s=1.0)
+        assembly.on_step(meta, _step(i), offset=100 + i)
     for kind, idx in interventions:
         assembly.on_intervention(meta, {"episode_id": "e1", "actor_id": "a", "task": "t", "kind": kind,
-                                        "step_index": idx}, now_s=1.0)
+                                        "step_index": idx})
     assembly.on_episode_event(meta, {"episode_id": "e1", "kind": "ENDED", "actor_id": "a", "task": "t",
                                      "instruction": "do it", "policy_version": "3", "event_time_us": 2_000_000,
-                                     "outcome": outcome, "num_steps": n}, topic="eps", partition=0, offset=7,
-                              now_s=2.0)
+                                     "outcome": outcome, "num_steps": n}, topic="eps", partition=0, offset=7)
     return meta
+
+
+def _present(n: int, last_seen_s: float = 0.0) -> assembly.Presence:
+    return assembly.Presence(indices=set(range(n)), last_seen_s=last_seen_s)
 
 
 def _close(meta, n, cfg, **kw):
@@ -62,10 +65,12 @@ def test_aborted_episode_is_truncated_not_failed() -> None:
     cfg = RewardConfig(max_episode_length=10, c_fail=5, advantage_horizon=50)
     meta = assembly.new_meta("e1", 0, 0.0)
     for i in range(3):
-        assembly.on_step(meta, _step(i), offset=i, now_s=0.0)
-    assert assembly.should_abort(meta, now_s=100.0, timeout_s=60)
-    assert not assembly.should_abort(meta, now_s=30.0, timeout_s=60)
-    assembly.abort(meta, topic="ctl", partition=0, offset=9, now_us=5)
+        assert assembly.on_step(meta, _step(i), offset=i) == (i == 0)  # written once, not per step
+    present = _present(3)
+    assert assembly.should_abort(meta, present, now_s=100.0, timeout_s=60)
+    assert not assembly.should_abort(meta, present, now_s=30.0, timeout_s=60)
+    assembly.abort(meta, present, topic="ctl", partition=0, offset=9, now_us=5)
+    assert meta["ended"]["num_steps"] == 3
     closed = _close(meta, 3, cfg)
     assert [r["reward"] for r in closed.steps] == [-1, -1, -1]
     assert closed.episode["closed_by"] == "timeout" and closed.episode["outcome"] == "ABORTED"
@@ -85,22 +90,22 @@ def test_value_model_values_are_used_for_the_n_step_advantage() -> None:
 
 def test_replayed_steps_and_duplicate_ends_change_nothing() -> None:
     meta = _meta(3, "SUCCESS")
-    assembly.on_step(meta, _step(1), offset=101, now_s=3.0)  # replay of a stored step
-    assert meta["steps"] == 3 and assembly.is_complete(meta)
+    assert not assembly.on_step(meta, _step(1), offset=101)  # replay of a stored step: nothing to write
+    assert assembly.is_complete(meta, _present(3))
     first_end = dict(meta["ended"])
     assembly.on_episode_event(meta, {"episode_id": "e1", "kind": "ENDED", "actor_id": "a", "task": "t",
                                      "instruction": "x", "policy_version": "9", "event_time_us": 9,
-                                     "outcome": "TIMEOUT", "num_steps": 3}, topic="eps", partition=0, offset=99,
-                              now_s=3.0)
+                                     "outcome": "TIMEOUT", "num_steps": 3}, topic="eps", partition=0, offset=99)
     assert meta["ended"] == first_end
 
 
 def test_incomplete_episode_is_force_closed_after_grace() -> None:
     meta = _meta(3, "SUCCESS")
     meta["ended"]["num_steps"] = 5  # two steps never arrived
-    assert not assembly.is_complete(meta)
-    assert not assembly.should_force_close(meta, now_s=5.0, grace_s=10)
-    assert assembly.should_force_close(meta, now_s=20.0, grace_s=10)
+    present = _present(3, last_seen_s=1.0)
+    assert not assembly.is_complete(meta, present)
+    assert not assembly.should_force_close(meta, present, now_s=5.0, grace_s=10)
+    assert assembly.should_force_close(meta, present, now_s=20.0, grace_s=10)
 
 
 def test_running_baseline_learns_per_task_returns() -> None:
