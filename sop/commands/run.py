@@ -1,0 +1,38 @@
+"""`sop run`: the whole closed loop on this machine, with a live view and a report at the end."""
+
+from __future__ import annotations
+
+import click
+from rich.console import Console
+
+from sop.loop import ClosedLoop, LoopConfig
+from sop.settings import load_settings
+
+
+@click.command("run")
+@click.option("--actors", default=2, show_default=True, help="Robots in the simulated fleet.")
+@click.option("--minutes", default=30.0, show_default=True, help="Wall-clock budget of the online phase.")
+@click.option("--target-success", type=float, default=None, help="Stop early when every task's recent success reaches this.")
+@click.option("--algorithm", type=click.Choice(["hg-dagger", "recap"]), default="hg-dagger", show_default=True)
+@click.option("--sampler", type=click.Choice(["adaptive", "fixed"]), default="adaptive", show_default=True)
+@click.option("--tasks", default=None, help="Comma-separated tasks (default: the default suite).")
+@click.option("--hz", default=30.0, show_default=True, help="Control rate of every robot (0 = as fast as possible).")
+@click.option("--operator/--no-operator", default=True, show_default=True, help="Simulated human takeovers.")
+@click.option("--demos-per-task", default=10, show_default=True, help="Demonstrations to create when there are none.")
+@click.option("--keep-stack", is_flag=True, help="Leave Kafka running afterwards (`sop down` stops it).")
+def command(actors: int, minutes: float, target_success: float | None, algorithm: str, sampler: str,
+            tasks: str | None, hz: float, operator: bool, demos_per_task: int, keep_stack: bool) -> None:
+    """Stack up, demonstrations and base policy if missing, processor + learner + N actors, live view, report."""
+    settings = load_settings()
+    try:
+        config = LoopConfig(actors=actors, duration_s=minutes * 60, target_success=target_success,
+                            algorithm=algorithm, sampler=sampler, tasks=tuple(tasks.split(",")) if tasks else None,
+                            hz=hz, operator=operator, demos_per_task=demos_per_task, keep_stack=keep_stack)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    console = Console()
+    summary = ClosedLoop(settings, config, console=console).run()
+    if summary:
+        for task, t in sorted(summary["tasks"].items()):
+            console.print(f"{task:>24}: {t['episodes']:4d} episodes, success (last {config.target_window}) "
+                          f"{t['success_last_window']:.2f}")

@@ -1,0 +1,242 @@
+"""The closed loop on one machine (`sop run`): stack, demonstrations, base policy, processor, learner, fleet.
+
+    up → demos (if missing) → pretrain (if no champion) → process + learn + N actors → live view
+       → stop at the duration / target success / Ctrl-C → drain → report (Markdown + PNG, also in MLflow)
+
+Each part runs as its own `sop` child process, exactly as it would on its own machine against a shared
+Kafka / Delta / MLflow; this module only starts, watches and stops them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+
+from lakehouse import Lakehouse, query
+from sop import stack
+from sop.live import gather, kafka_lag, render
+from sop.processes import SopProcess
+from sop.report import write_report
+from sop.settings import Settings
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopConfig:
+    actors: int = 2
+    duration_s: float = 30 * 60
+    target_success: float | None = None  # stop early when every task's recent success reaches it
+    target_window: int = 20
+    algorithm: str = "hg-dagger"
+    tasks: tuple[str, ...] | None = None  # None = the actors' default suite
+    hz: float = 30.0
+    operator: bool = True
+    demos_per_task: int = 10
+    demo_noise: float = 0.2
+    sampler: str = "adaptive"
+    learn_args: tuple[str, ...] = ()
+    actor_args: tuple[str, ...] = ()
+    keep_stack: bool = False
+    report_dir: Path | None = None
+    refresh_s: float = 2.0
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.actors < 1:
+            problems.append(f"actors must be >= 1, got {self.actors}")
+        if self.duration_s <= 0:
+            problems.append(f"duration must be > 0, got {self.duration_s}")
+        if self.target_success is not None and not 0 < self.target_success <= 1:
+            problems.append(f"target success must be in (0, 1], got {self.target_success}")
+        if self.algorithm not in ("hg-dagger", "recap"):
+            problems.append(f"algorithm must be hg-dagger or recap, got {self.algorithm!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def _champion(settings: Settings) -> str | None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    try:
+        return client.get_model_version_by_alias(settings.policy_model_name, settings.policy_alias).version
+    except MlflowException:
+        return None
+
+
+def _demo_rows(settings: Settings) -> int:
+    lake = Lakehouse(settings.lake_root, storage_options=settings.lake_storage_options or None)
+    if not lake.exists("demonstrations"):
+        return 0
+    return int(query(lake, "SELECT count(*) FROM demonstrations").column(0)[0].as_py())
+
+
+class ClosedLoop:
+    def __init__(self, settings: Settings, config: LoopConfig, *, console: Console | None = None) -> None:
+        self.settings, self.config = settings, config
+        self.console = console or Console()
+        self.logs = settings.run_path / "logs"
+        self.children: dict[str, SopProcess] = {}
+        self.started_at = time.time()
+        self.stop_reason = ""
+
+    # -- steps -----------------------------------------------------------------------------------
+    def _child(self, name: str, args: list[str], *, settings: dict | None = None) -> SopProcess:
+        env = {"SOP_RUN_DIR": str(self.settings.run_path), **self.config.extra_env}
+        return SopProcess(args, env=env, settings=settings, log=self.logs / f"{name}.log")
+
+    def _run_to_end(self, name: str, args: list[str]) -> None:
+        child = self._child(name, args).start()
+        with self.console.status(f"{name}: `sop {' '.join(args)}` (log: {child.log})"):
+            while child.running:
+                time.sleep(0.5)
+        if child.proc.returncode != 0:
+            raise RuntimeError(f"`sop {' '.join(args)}` failed with {child.proc.returncode}:\n{child.tail()}")
+
+    def prepare(self) -> None:
+        info = stack.up(self.settings)
+        self.console.print(f"[green]stack[/] kafka {info.bootstrap} · mlflow {info.tracking_uri}")
+        tasks = ["--tasks", ",".join(self.config.tasks)] if self.config.tasks else []
+        if _demo_rows(self.settings) == 0:
+            self._run_to_end("demos", ["demos", "--episodes-per-task", str(self.config.demos_per_task),
+                                       "--noise", str(self.config.demo_noise), *tasks])
+        self.console.print(f"[green]demonstrations[/] {_demo_rows(self.settings):,} steps")
+        if _champion(self.settings) is None:
+            self._run_to_end("pretrain", ["pretrain", "--algorithm", self.config.algorithm, "--no-eval"])
+        self.console.print(f"[green]base policy[/] {self.settings.policy_model_name}@{self.settings.policy_alias}"
+                           f" = v{_champion(self.settings)}")
+
+    def start(self) -> None:
+        cfg = self.config
+        self.started_at = time.time()
+        self.children["processor"] = self._child("processor", ["process"]).start()
+        self.children["learner"] = self._child("learner", ["learn", "--algorithm", cfg.algorithm, "--sampler",
+                                                           cfg.sampler, "--quiet", *cfg.learn_args]).start()
+        tasks = ["--tasks", ",".join(cfg.tasks)] if cfg.tasks else []
+        for i in range(cfg.actors):
+            aid = f"actor-{i:02d}"
+            self.children[aid] = self._child(aid, [
+                "actor", "--actor-id", aid, "--hz", str(cfg.hz), "--seed-start", str(10_000 + i),
+                "--seed-stride", str(cfg.actors), "--operator" if cfg.operator else "--no-operator",
+                "--no-status", "--status-file", str(self.settings.run_path / "actors" / f"{aid}.json"),
+                *tasks, *cfg.actor_args]).start()
+
+    def done(self, state) -> bool:  # noqa: ANN001 - LiveState
+        cfg = self.config
+        if time.time() - self.started_at >= cfg.duration_s:
+            self.stop_reason = f"duration of {cfg.duration_s / 60:.1f} min reached"
+            return True
+        if cfg.target_success is not None and state.per_task and all(
+                r["episodes"] >= cfg.target_window and (r["success_recent"] or 0) >= cfg.target_success
+                for r in state.per_task):
+            self.stop_reason = f"every task reached recent success {cfg.target_success}"
+            return True
+        for name, child in self.children.items():
+            if not child.running and name in ("processor", "learner"):
+                self.stop_reason = f"{name} exited ({child.proc.returncode}); see {child.log}"
+                return True
+        return False
+
+    def watch(self) -> None:
+        learner_status = self.settings.run_path / "learner" / "status.json"
+        interrupted = []
+        previous = signal.signal(signal.SIGTERM, lambda *_: interrupted.append(1))
+        try:
+            with Live(console=self.console, refresh_per_second=1, transient=False) as live:
+                while not interrupted:
+                    state = gather(self.settings, started_at_s=self.started_at, learner_status=learner_status)
+                    live.update(render(state, title=f"SOP — {self.config.algorithm}, {self.config.actors} actors"))
+                    if self.done(state):
+                        break
+                    time.sleep(self.config.refresh_s)
+                else:
+                    self.stop_reason = "stopped by SIGTERM"
+        except KeyboardInterrupt:
+            self.stop_reason = "stopped by Ctrl-C"
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def shutdown(self) -> None:
+        """Actors first (their open episode ends ABORTED, publishers flush), then let the processor drain."""
+        with self.console.status("stopping actors…"):
+            for name, child in self.children.items():
+                if name.startswith("actor-") and child.running:
+                    child.proc.send_signal(signal.SIGTERM)
+            for name, child in self.children.items():
+                if name.startswith("actor-"):
+                    child.stop(timeout_s=60)
+        with self.console.status("processor: draining what the actors published…"):
+            deadline = time.time() + 90
+            while time.time() < deadline and self.children["processor"].running:
+                lag = kafka_lag(self.settings, self.settings.processor_group)
+                if lag == 0:
+                    time.sleep(2 * self.settings.processor_flush_interval_s + 1)
+                    break
+                time.sleep(1)
+        for name in ("learner", "processor"):
+            with self.console.status(f"stopping {name}…"):
+                self.children[name].stop(timeout_s=60)
+
+    def report(self) -> dict:
+        lake = Lakehouse(self.settings.lake_root, storage_options=self.settings.lake_storage_options or None)
+        since = int(self.started_at * 1e6)
+        episodes = query(lake, f"SELECT * FROM episodes WHERE epoch_us(end_time) >= {since}") \
+            if lake.exists("episodes") else None
+        stamp = datetime.fromtimestamp(self.started_at, UTC).strftime("%Y%m%d-%H%M%S")
+        out = self.config.report_dir or self.settings.run_path / "reports" / stamp
+        if episodes is None or episodes.num_rows == 0:
+            self.console.print("[yellow]no episodes were closed during the run: no report[/]")
+            return {}
+        summary = write_report(episodes, out, started_at_s=self.started_at,
+                               title=f"SOP run {stamp} — {self.config.algorithm}, {self.config.actors} actors",
+                               window=self.config.target_window,
+                               extra={"stop_reason": self.stop_reason, "config": {
+                                   "actors": self.config.actors, "algorithm": self.config.algorithm,
+                                   "duration_s": self.config.duration_s, "hz": self.config.hz,
+                                   "sampler": self.config.sampler}})
+        self._log_to_mlflow(out, summary, stamp)
+        self.console.print(f"[green]report[/] {out / 'report.md'}")
+        return summary
+
+    def _log_to_mlflow(self, out: Path, summary: dict, stamp: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        from infra.mlflow_local import ensure_experiment
+
+        client = MlflowClient(tracking_uri=self.settings.tracking_uri)
+        exp = ensure_experiment(self.settings.tracking_uri, self.settings.artifact_root)
+        run = client.create_run(exp, run_name=f"sop-run-{stamp}", tags={"sop.kind": "closed-loop"})
+        for key in ("episodes", "episodes_per_hour", "success_last_window_mean", "final_rolling_success",
+                    "time_to_0.8_min"):
+            if isinstance(summary.get(key), int | float):
+                client.log_metric(run.info.run_id, key.replace(".", "_"), float(summary[key]))
+        for task, t in summary["tasks"].items():
+            if t["success_last_window"] is not None:
+                client.log_metric(run.info.run_id, f"success_{task}", float(t["success_last_window"]))
+        client.log_artifacts(run.info.run_id, str(out), artifact_path="report")
+        client.set_terminated(run.info.run_id)
+
+    def run(self) -> dict:
+        try:
+            self.prepare()
+            self.start()
+            self.watch()
+        finally:
+            if self.children:
+                self.shutdown()
+        summary = self.report()
+        if not self.config.keep_stack:
+            stack.down(self.settings)
+        with contextlib.suppress(Exception):
+            (self.settings.run_path / "last-run.json").write_text(json.dumps(
+                {"started_at": self.started_at, "stop_reason": self.stop_reason, "summary": summary}, default=str))
+        return summary
