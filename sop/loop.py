@@ -43,6 +43,7 @@ class LoopConfig:
     sampler: str = "adaptive"
     learn_args: tuple[str, ...] = ()
     actor_args: tuple[str, ...] = ()
+    learn_online: bool = True  # False: collect only (offline-iterations baseline: train after collection)
     keep_stack: bool = False
     report_dir: Path | None = None
     refresh_s: float = 2.0
@@ -119,8 +120,9 @@ class ClosedLoop:
         cfg = self.config
         self.started_at = time.time()
         self.children["processor"] = self._child("processor", ["process"]).start()
-        self.children["learner"] = self._child("learner", ["learn", "--algorithm", cfg.algorithm, "--sampler",
-                                                           cfg.sampler, "--quiet", *cfg.learn_args]).start()
+        if cfg.learn_online:
+            self.children["learner"] = self._child("learner", [
+                "learn", "--algorithm", cfg.algorithm, "--sampler", cfg.sampler, "--quiet", *cfg.learn_args]).start()
         tasks = ["--tasks", ",".join(cfg.tasks)] if cfg.tasks else []
         for i in range(cfg.actors):
             aid = f"actor-{i:02d}"
@@ -183,8 +185,9 @@ class ClosedLoop:
                     break
                 time.sleep(1)
         for name in ("learner", "processor"):
-            with self.console.status(f"stopping {name}…"):
-                self.children[name].stop(timeout_s=60)
+            if name in self.children:
+                with self.console.status(f"stopping {name}…"):
+                    self.children[name].stop(timeout_s=60)
 
     def report(self) -> dict:
         lake = Lakehouse(self.settings.lake_root, storage_options=self.settings.lake_storage_options or None)

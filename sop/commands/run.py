@@ -19,15 +19,19 @@ from sop.settings import load_settings
 @click.option("--hz", default=30.0, show_default=True, help="Control rate of every robot (0 = as fast as possible).")
 @click.option("--operator/--no-operator", default=True, show_default=True, help="Simulated human takeovers.")
 @click.option("--demos-per-task", default=10, show_default=True, help="Demonstrations to create when there are none.")
+@click.option("--learn/--no-learn", "learn_online", default=True, show_default=True,
+              help="--no-learn: collect with the frozen champion only (train afterwards with `sop learn`).")
 @click.option("--keep-stack", is_flag=True, help="Leave Kafka running afterwards (`sop down` stops it).")
 def command(actors: int, minutes: float, target_success: float | None, algorithm: str, sampler: str,
-            tasks: str | None, hz: float, operator: bool, demos_per_task: int, keep_stack: bool) -> None:
+            tasks: str | None, hz: float, operator: bool, demos_per_task: int, learn_online: bool,
+            keep_stack: bool) -> None:
     """Stack up, demonstrations and base policy if missing, processor + learner + N actors, live view, report."""
     settings = load_settings()
     try:
         config = LoopConfig(actors=actors, duration_s=minutes * 60, target_success=target_success,
                             algorithm=algorithm, sampler=sampler, tasks=tuple(tasks.split(",")) if tasks else None,
-                            hz=hz, operator=operator, demos_per_task=demos_per_task, keep_stack=keep_stack)
+                            hz=hz, operator=operator, demos_per_task=demos_per_task, learn_online=learn_online,
+                            keep_stack=keep_stack)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     console = Console()

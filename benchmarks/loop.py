@@ -1,0 +1,166 @@
+"""The paper's experiments in simulation, each from the same demonstrations and the same base policy.
+
+    .venv/bin/python -m benchmarks.loop methods --minutes 30 --eval-episodes 50
+    .venv/bin/python -m benchmarks.loop fleet   --minutes 30 --fleet 1 2 4
+    .venv/bin/python -m benchmarks.loop sampler --minutes 30
+
+methods  base policy, SOP + HG-DAgger, SOP + RECAP, and offline iterations (the same actors, operator and
+         wall-clock budget collecting with the frozen base policy, then the same learner trained on what was
+         collected): success per task on held-out seeds and episodes per hour.
+fleet    SOP + HG-DAgger with 1, 2 and 4 actors: time until the rolling success reaches 0.8, speed-up.
+sampler  the adaptive online/offline mix against a fixed 50/50 mix.
+
+Every arm runs `sop run` in its own run directory (own Kafka broker, Delta tables and MLflow registry)
+cloned from one prepared base directory, one arm after the other; results go to ``--out`` as JSON,
+Markdown and PNG. Base and arms are evaluated with `sop eval` on the same held-out seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SUITE_DEFAULT = None  # the actors' default suite
+
+
+def sop(args: list[str], run_dir: Path, *, env: dict | None = None, timeout: float | None = None) -> None:
+    full_env = {**os.environ, "SOP_RUN_DIR": str(run_dir), "SOP_KAFKA_PORT": "0", **(env or {})}
+    log = run_dir / "logs" / f"bench-{args[0]}-{int(time.time())}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"  $ SOP_RUN_DIR={run_dir} sop {' '.join(args)}", flush=True)
+    with open(log, "w") as fh:
+        proc = subprocess.run([sys.executable, "-m", "sop", *args], env=full_env, stdout=fh, stderr=subprocess.STDOUT,
+                              timeout=timeout)
+    if proc.returncode != 0:
+        raise SystemExit(f"`sop {' '.join(args)}` failed ({proc.returncode}); log: {log}")
+
+
+def prepare(base: Path, *, demos: int, tasks: list[str] | None) -> None:
+    if (base / "prepared").exists():
+        return
+    t = ["--tasks", ",".join(tasks)] if tasks else []
+    sop(["up"], base)
+    sop(["demos", "--episodes-per-task", str(demos), *t], base)
+    sop(["pretrain", "--no-eval"], base)
+    sop(["down"], base)
+    (base / "prepared").touch()
+
+
+def clone(base: Path, dst: Path) -> Path:
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    shutil.copytree(base / "lake", dst / "lake")
+    shutil.copy(base / "mlflow.db", dst / "mlflow.db")  # artifacts stay under the base run (absolute paths)
+    return dst
+
+
+def evaluate(run_dir: Path, *, episodes: int, tasks: list[str] | None) -> dict[str, float]:
+    out = run_dir / "eval.json"
+    t = ["--tasks", ",".join(tasks)] if tasks else []
+    sop(["eval", "--episodes-per-task", str(episodes), "--no-paraphrases", "-o", str(out), *t], run_dir)
+    return json.loads(out.read_text())["canonical"]
+
+
+def run_arm(run_dir: Path, *, minutes: float, actors: int, extra: list[str], tasks: list[str] | None) -> dict:
+    t = ["--tasks", ",".join(tasks)] if tasks else []
+    sop(["run", "--minutes", str(minutes), "--actors", str(actors), *t, *extra], run_dir,
+        timeout=minutes * 60 + 1800)
+    return json.loads((run_dir / "last-run.json").read_text())["summary"]
+
+
+def methods(args: argparse.Namespace, base: Path, out: Path) -> dict:
+    results = {"base": {"success": evaluate(base, episodes=args.eval_episodes, tasks=args.tasks)}}
+    for name, extra in (("sop_hg_dagger", ["--algorithm", "hg-dagger"]), ("sop_recap", ["--algorithm", "recap"])):
+        d = clone(base, out / name)
+        summary = run_arm(d, minutes=args.minutes, actors=args.actors, extra=extra, tasks=args.tasks)
+        results[name] = {"success": evaluate(d, episodes=args.eval_episodes, tasks=args.tasks),
+                         "episodes_per_hour": summary.get("episodes_per_hour"), "run": summary}
+    d = clone(base, out / "offline_iterations")
+    summary = run_arm(d, minutes=args.minutes, actors=args.actors, extra=["--no-learn"], tasks=args.tasks)
+    sop(["learn", "--algorithm", "hg-dagger", "--max-steps", str(args.offline_steps), "--quiet"], d)
+    results["offline_iterations"] = {"success": evaluate(d, episodes=args.eval_episodes, tasks=args.tasks),
+                                     "episodes_per_hour": summary.get("episodes_per_hour"), "run": summary}
+    return results
+
+
+def fleet(args: argparse.Namespace, base: Path, out: Path) -> dict:
+    results = {}
+    for n in args.fleet:
+        d = clone(base, out / f"fleet_{n}")
+        summary = run_arm(d, minutes=args.minutes, actors=n, extra=["--algorithm", "hg-dagger"], tasks=args.tasks)
+        results[f"{n}_actors"] = {"time_to_0.8_min": summary.get("time_to_0.8_min"),
+                                  "final_rolling_success": summary.get("final_rolling_success"), "run": summary}
+    first = results.get(f"{args.fleet[0]}_actors", {}).get("time_to_0.8_min")
+    for r in results.values():
+        t = r["time_to_0.8_min"]
+        r["speedup"] = first / t if first and t else None
+    return results
+
+
+def sampler(args: argparse.Namespace, base: Path, out: Path) -> dict:
+    results = {}
+    for name in ("adaptive", "fixed"):
+        d = clone(base, out / f"sampler_{name}")
+        summary = run_arm(d, minutes=args.minutes, actors=args.actors,
+                          extra=["--algorithm", "hg-dagger", "--sampler", name], tasks=args.tasks)
+        results[name] = {"success": evaluate(d, episodes=args.eval_episodes, tasks=args.tasks),
+                         "time_to_0.8_min": summary.get("time_to_0.8_min"), "run": summary}
+    return results
+
+
+def table(experiment: str, results: dict) -> str:
+    lines = []
+    if experiment in ("methods", "sampler"):
+        tasks = sorted(next(iter(results.values()))["success"])
+        lines.append("| arm | " + " | ".join(tasks) + " | mean | episodes/h |")
+        lines.append("|---" * (len(tasks) + 3) + "|")
+        for arm, r in results.items():
+            s = r["success"]
+            eph = r.get("episodes_per_hour")
+            lines.append(f"| {arm} | " + " | ".join(f"{s[t]:.2f}" for t in tasks) +
+                         f" | {sum(s.values()) / len(s):.2f} | {eph:.0f} |" if eph else
+                         f"| {arm} | " + " | ".join(f"{s[t]:.2f}" for t in tasks) + f" | {sum(s.values()) / len(s):.2f} | - |")
+    else:
+        lines += ["| actors | time to 0.8 (min) | speed-up | final rolling success |", "|---|---|---|---|"]
+        for arm, r in results.items():
+            t = r["time_to_0.8_min"]
+            lines.append(f"| {arm} | {t:.1f} | {r['speedup']:.2f}x | {r['final_rolling_success']:.2f} |" if t else
+                         f"| {arm} | not reached | - | {r['final_rolling_success']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("experiment", choices=["methods", "fleet", "sampler"])
+    ap.add_argument("--minutes", type=float, default=30.0, help="Wall-clock budget of each arm's online phase.")
+    ap.add_argument("--actors", type=int, default=2)
+    ap.add_argument("--fleet", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--eval-episodes", type=int, default=50)
+    ap.add_argument("--demos", type=int, default=10, help="Demonstrations per task of the shared base.")
+    ap.add_argument("--offline-steps", type=int, default=3000, help="Learner steps after collection (offline arm).")
+    ap.add_argument("--tasks", nargs="+", default=None)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = ap.parse_args()
+    base = (args.out / "base").resolve()
+    out = args.out.resolve()
+    print(f"preparing the shared base in {base}")
+    prepare(base, demos=args.demos, tasks=args.tasks)
+    t0 = time.time()
+    results = {"methods": methods, "fleet": fleet, "sampler": sampler}[args.experiment](args, base, out)
+    md = table(args.experiment, results)
+    (out / f"{args.experiment}.json").write_text(json.dumps(results, indent=2, default=str))
+    (out / f"{args.experiment}.md").write_text(md + "\n")
+    print(md)
+    print(f"({(time.time() - t0) / 60:.0f} min) reproduce: .venv/bin/python -m benchmarks.loop {args.experiment} "
+          f"--minutes {args.minutes:g} --actors {args.actors} --eval-episodes {args.eval_episodes}")
+
+
+if __name__ == "__main__":
+    main()

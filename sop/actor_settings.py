@@ -1,0 +1,115 @@
+"""Settings of the robot side (`sop actor`, `sop fleet`, `sop demos`), overridable by ``SOP_…`` variables.
+
+Same rules as :mod:`sop.settings` (which holds what every command shares): ``actor_poll_interval_s`` ←
+``SOP_ACTOR_POLL_INTERVAL_S``, ``operator_divergence_threshold`` ← ``SOP_OPERATOR_DIVERGENCE_THRESHOLD`` …
+A bad value stops the command at start with a message naming the variable to fix.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from producers.images import DEFAULT_JPEG_QUALITY
+from producers.operator import OperatorConfig
+from producers.sim.tasks import DEFAULT_SUITE
+from sop.settings import SettingsError
+
+CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
+
+
+class ActorSettings(BaseSettings):
+    # SOP_OPERATOR_STALL_STEPS=none disables stall detection (likewise for the other optional values).
+    model_config = SettingsConfigDict(env_prefix="SOP_", extra="ignore", frozen=True, env_parse_none_str="none")
+
+    # the robots
+    actor_tasks: str = Field(",".join(DEFAULT_SUITE), description="Default task list of `sop actor`/`fleet`/`demos`.")
+    actor_cameras: str = Field("corner", description="Comma-separated MetaWorld cameras each step carries.")
+    actor_image_size: int = Field(64, ge=8, le=1024, description="Camera image side in pixels.")
+    actor_jpeg_quality: int = Field(DEFAULT_JPEG_QUALITY, ge=1, le=95)
+    actor_control_hz: float = Field(30.0, ge=0, description="Control rate of a robot (0 = as fast as possible).")
+
+    # following the registry
+    actor_poll_interval_s: float = Field(0.5, gt=0, le=60, description="How often actors poll the registry alias.")
+    actor_policy_wait_s: float = Field(120.0, gt=0, description="How long `sop actor` waits for a first loadable version.")
+    actor_retry_refused_after_s: float | None = Field(
+        None, gt=0, description="Retry a refused version after this long; unset = never.")
+    actor_expert_noise: float = Field(0.2, ge=0, le=2, description="Noise of the scripted-expert stand-in policy.")
+    actor_status_interval_s: float = Field(0.5, gt=0, le=60, description="Refresh of the live view / status file.")
+    actor_flush_timeout_s: float = Field(60.0, gt=0, description="How long shutdown waits for Kafka acks.")
+
+    # the simulated operator (HG-DAgger gate, see producers/operator.py)
+    operator_divergence_threshold: float = 0.5
+    operator_gripper_weight: float = 0.25
+    operator_takeover_after: int = 3
+    operator_reaction_delay: int = 2
+    operator_stall_steps: int | None = 20
+    operator_stall_min_progress: float = 0.01
+    operator_stall_min_motion: float = 0.02
+    operator_on_track_threshold: float | None = None
+    operator_handback_after: int = 5
+    operator_max_drive_steps: int = 25
+
+    # the fleet
+    fleet_stop_grace_s: float = Field(15.0, gt=0, description="SIGTERM → SIGKILL grace when `sop fleet` stops.")
+
+    @field_validator("actor_cameras")
+    @classmethod
+    def _cameras(cls, v: str) -> str:
+        names = [c.strip() for c in v.split(",") if c.strip()]
+        unknown = [c for c in names if c not in CAMERAS]
+        if not names or unknown or len(set(names)) != len(names):
+            raise ValueError(f"must be distinct names from {list(CAMERAS)}, comma-separated")
+        return ",".join(names)
+
+    @field_validator("actor_tasks")
+    @classmethod
+    def _tasks(cls, v: str) -> str:
+        return ",".join(parse_tasks(v))
+
+    @property
+    def cameras(self) -> tuple[str, ...]:
+        return tuple(self.actor_cameras.split(","))
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.actor_tasks.split(","))
+
+    def operator_config(self) -> OperatorConfig:
+        prefix = "operator_"
+        values = {name[len(prefix):]: getattr(self, name) for name in type(self).model_fields if name.startswith(prefix)}
+        try:
+            return OperatorConfig(**values)
+        except ValueError as exc:
+            # OperatorConfig names its fields; name the variables people set instead.
+            message = re.sub(r"OperatorConfig\.(\w+)", lambda m: f"SOP_OPERATOR_{m.group(1).upper()}", str(exc))
+            raise SettingsError(f"invalid settings:\n  {message}") from None
+
+
+def parse_tasks(text: str) -> tuple[str, ...]:
+    """``"a,b"`` -> ("a", "b"), every name a known task (ValueError listing the known ones)."""
+    from producers.sim.tasks import TASKS
+
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not names:
+        raise ValueError("lists no task")
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; known: {', '.join(sorted(TASKS))}")
+    return names
+
+
+def load_actor_settings(**overrides: object) -> ActorSettings:
+    """Read the robot-side settings from the environment; :class:`SettingsError` names the variable to fix."""
+    try:
+        settings = ActorSettings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"])
+            problems.append(f"SOP_{name.upper()}: {err['msg']} (got {err.get('input')!r})")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)) from None
+    settings.operator_config()  # the gate's own rules (e.g. gripper weight below the threshold)
+    return settings

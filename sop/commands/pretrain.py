@@ -1,0 +1,118 @@
+"""`sop pretrain`: the base policy, by behaviour cloning on the Delta `demonstrations` table only.
+
+Registers it as a new `sop-policy` version and moves `champion` to it; `--eval` then measures its success per
+task on held-out seeded episodes (the same `evaluate_policy` that `sop eval` uses) and records it on the version.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from sop.learner_settings import (
+    load_learner_settings,
+    open_lake,
+    prepare_registry,
+    quiet_mlflow,
+    text_encoder,
+)
+from sop.settings import load_settings
+
+
+@click.command("pretrain")
+@click.option("--steps", type=int, default=None, help="Behaviour-cloning steps (SOP_PRETRAIN_STEPS).")
+@click.option("--algorithm", type=click.Choice(["hg-dagger", "recap"]), default=None,
+              help="recap also trains the 'positive'-conditioned policy (default SOP_LEARN_ALGORITHM).")
+@click.option("--tasks", default=None, help="Comma-separated tasks (default: every task in the table).")
+@click.option("--eval/--no-eval", "evaluate", default=False, help="Evaluate the base policy on held-out seeds.")
+@click.option("--eval-episodes", type=int, default=None, help="Episodes per task of --eval (SOP_EVAL_EPISODES).")
+@click.option("--no-promote", is_flag=True, help="Register the version without moving the champion alias.")
+def command(steps: int | None, algorithm: str | None, tasks: str | None, evaluate: bool, eval_episodes: int | None,
+            no_promote: bool) -> None:
+    """Train the base policy from the demonstrations and register it as the champion."""
+    import torch
+    from mlflow.entities import Metric, RunStatus
+    from mlflow.tracking import MlflowClient
+
+    from learner import registry
+    from learner.algorithms import make_algorithm
+    from learner.config import to_dict
+    from learner.pretrain import NoDemonstrations, pretrain_policy
+    from learner.promotion import promote
+
+    quiet_mlflow()
+    shared = load_settings()
+    settings = load_learner_settings(**({"pretrain_steps": steps} if steps is not None else {}),
+                                     **({"eval_episodes": eval_episodes} if eval_episodes is not None else {}))
+    if settings.learn_threads is not None:
+        torch.set_num_threads(settings.learn_threads)
+    task_list = tuple(t.strip() for t in tasks.split(",") if t.strip()) if tasks else settings.tasks()
+    train = settings.train_config(algorithm=algorithm, lr=settings.pretrain_lr, ema_decay=settings.pretrain_ema_decay)
+    model_cfg = settings.policy_config()
+    recap = settings.recap_config(shared)
+    console = Console()
+    tracking_uri = prepare_registry(shared)
+    lake = open_lake(shared)
+    text = text_encoder(shared)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    exp_id = registry.experiment_id(client, "sop")
+    run_id = client.create_run(exp_id, run_name="pretrain", tags={"sop.role": "pretrain"}).info.run_id
+    client.log_param(run_id, "model", json.dumps(to_dict(model_cfg)))
+    client.log_param(run_id, "train", json.dumps(to_dict(train)))
+    client.log_param(run_id, "steps", settings.pretrain_steps)
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      TextColumn("{task.fields[loss]}"), console=console, transient=True) as bar:
+            job = bar.add_task("behaviour cloning", total=settings.pretrain_steps, loss="")
+
+            def on_step(step: int, metrics: dict[str, float]) -> None:
+                if step % 25 == 0:
+                    bar.update(job, completed=step, loss=f"loss {metrics['loss']:.4f}")
+                    client.log_batch(run_id, metrics=[Metric("loss", float(metrics["loss"]), 0, step)])
+
+            result = pretrain_policy(lake, text, steps=settings.pretrain_steps, model=model_cfg, train=train,
+                                     sampler=settings.sampler_config(), recap=recap, tasks=task_list,
+                                     on_step=on_step)
+    except NoDemonstrations as exc:
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise click.ClickException(str(exc)) from None
+    condition = make_algorithm(train.algorithm, recap).condition
+    final_loss = sum(result.losses[-100:]) / len(result.losses[-100:])
+    lineage = {"phase": "pretrain", "algorithm": train.algorithm, "learner_step": settings.pretrain_steps,
+               "delta_versions": result.versions, "demonstration_episodes": result.episodes.get("demonstrations", 0),
+               "demonstration_rows": {t: s["offline"] for t, s in result.rows.items()}, "run_id": run_id}
+    version = registry.register_policy(result.model, alias=None, metrics={"loss": final_loss}, lineage=lineage,
+                                       tracking_uri=tracking_uri, embeddings=text.table(), condition=condition,
+                                       cfg_beta=recap.cfg_beta, experiment="sop", run_id=run_id,
+                                       step=settings.pretrain_steps)
+    if not no_promote:
+        promote(version, name=shared.policy_model_name, tracking_uri=tracking_uri, alias=shared.policy_alias,
+                reason="pretrain")
+    console.print(f"[green]registered[/] {shared.policy_model_name} v{version} "
+                  f"({'champion' if not no_promote else 'alias unchanged'}); loss {final_loss:.4f}, "
+                  f"{sum(s['offline'] for s in result.rows.values())} demonstration steps over "
+                  f"{len(result.rows)} task(s), Delta demonstrations v{result.versions.get('demonstrations')}")
+    if evaluate:
+        from learner.evaluation import evaluate_policy
+        from learner.model import PolicyRuntime
+
+        policy = PolicyRuntime(result.model, text, version=version, condition=condition, cfg_beta=recap.cfg_beta)
+        success = evaluate_policy(policy, sorted(result.rows), settings.eval_episodes, progress=True)
+        table = Table(title=f"{shared.policy_model_name} v{version}: success over {settings.eval_episodes} "
+                            "held-out episodes per task")
+        table.add_column("task")
+        table.add_column("success", justify="right")
+        for task, rate in success.items():
+            table.add_row(task, f"{rate:.2f}")
+            client.log_metric(run_id, f"eval_success/{task}", rate)
+        mean = sum(success.values()) / len(success)
+        table.add_row("mean", f"{mean:.2f}")
+        console.print(table)
+        client.set_model_version_tag(shared.policy_model_name, version, "sop.eval",
+                                     json.dumps({"episodes_per_task": settings.eval_episodes, "success": success}))
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+

@@ -1,0 +1,169 @@
+"""Settings of the learner commands (``sop learn``, ``sop pretrain``, ``sop train-value``, promote/rollback).
+
+Like :mod:`sop.settings`, every field maps to a ``SOP_…`` environment variable (``learn_algorithm`` ←
+``SOP_LEARN_ALGORITHM``); command-line options override them. Model shapes take JSON with the fields of
+``learner.config.ModelConfig`` / ``ValueConfig`` (``SOP_POLICY_MODEL='{"hidden": [128, 128],
+"encoder": {"image_size": 64}}'``). A bad value stops the command with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from learner.config import (
+    ConfigError,
+    ModelConfig,
+    RecapConfig,
+    SamplerConfig,
+    TrainConfig,
+    ValueConfig,
+    from_dict,
+)
+from sop.settings import Settings, SettingsError
+
+
+class LearnerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SOP_", extra="ignore", frozen=True)
+
+    # what is learned and how it is published
+    learn_algorithm: Literal["hg-dagger", "recap"] = Field("hg-dagger", description="Online algorithm.")
+    learn_publish_every: int = Field(25, ge=1, description="Learner steps between registered versions.")
+    learn_promotion: Literal["auto", "gated"] = Field(
+        "auto", description="auto: every version becomes champion; gated: candidate, promoted on live success.")
+    gate_min_episodes: int = Field(20, ge=1, description="Live episodes of a candidate before the gate judges it.")
+    gate_tolerance: float = Field(0.0, ge=0, lt=1, description="How much worse a candidate may be and pass.")
+    gate_check_s: float = Field(5.0, gt=0)
+    candidate_alias: str = "candidate"
+
+    # the sampler
+    learn_batch_size: int = Field(64, ge=1, description="Global batch (split over torchrun processes).")
+    learn_sampler: Literal["adaptive", "fixed"] = Field("adaptive", description="fixed = the ablation.")
+    learn_fixed_online_share: float = Field(0.5, ge=0, le=1)
+    learn_alpha: float = Field(2.0, gt=1)
+    learn_window_steps: int = Field(200, ge=1)
+    learn_online_capacity: int = Field(20_000, ge=1, description="Online rows kept per task.")
+    learn_offline_capacity: int = Field(50_000, ge=1, description="Offline rows kept per task.")
+    learn_prefetch: int = Field(4, ge=1)
+    learn_poll_s: float = Field(1.0, gt=0, description="Seconds between Delta polls.")
+    learn_tasks: list[str] | None = Field(None, description="Tasks to learn (JSON list); unset = all found.")
+
+    # optimisation
+    learn_lr: float = Field(3e-4, gt=0)
+    learn_ema_decay: float = Field(0.0, ge=0, lt=1)
+    learn_device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (cuda when available).")
+    learn_threads: int | None = Field(None, ge=1, description="torch CPU threads; unset = torch's default.")
+    learn_seed: int = 0
+    learn_log_every: int = Field(25, ge=1, description="Learner steps between MLflow metric logs.")
+    learn_max_steps: int | None = Field(None, ge=0, description="Step budget of one `sop learn`; unset = none.")
+    learn_duration_s: float | None = Field(None, gt=0)
+
+    # RECAP
+    recap_target_positive_share: float = Field(0.3, gt=0, lt=1)
+    recap_indicator_dropout: float = Field(0.3, ge=0, lt=1)
+    recap_cfg_beta: float = Field(1.0, ge=1)
+
+    # models (JSON overrides of learner.config.ModelConfig / ValueConfig)
+    policy_model: dict[str, Any] = Field(default_factory=dict)
+    value_model: dict[str, Any] = Field(default_factory=dict)
+
+    # offline training
+    pretrain_steps: int = Field(2000, ge=1, description="Behaviour-cloning steps of the base policy.")
+    pretrain_lr: float = Field(3e-4, gt=0)
+    pretrain_ema_decay: float = Field(0.99, ge=0, lt=1, description="EMA of the weights published.")
+    value_steps: int = Field(2000, ge=1)
+    value_lr: float = Field(3e-4, gt=0)
+    eval_episodes: int = Field(50, ge=1, description="Held-out episodes per task of `--eval`.")
+
+    # ---- learner configs built from the settings (and the shared ones) --------------------------------
+    def device(self) -> str:
+        if self.learn_device != "auto":
+            return self.learn_device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def policy_config(self) -> ModelConfig:
+        return _build("SOP_POLICY_MODEL", lambda: from_dict(ModelConfig, self.policy_model))
+
+    def value_config(self) -> ValueConfig:
+        return _build("SOP_VALUE_MODEL", lambda: from_dict(ValueConfig, self.value_model))
+
+    def sampler_config(self) -> SamplerConfig:
+        return _build("SOP_LEARN_BATCH_SIZE / SOP_LEARN_SAMPLER / SOP_LEARN_*", lambda: SamplerConfig(
+            batch_size=self.learn_batch_size, mode=self.learn_sampler,
+            fixed_online_share=self.learn_fixed_online_share, alpha=self.learn_alpha,
+            window_steps=self.learn_window_steps, online_capacity=self.learn_online_capacity,
+            offline_capacity=self.learn_offline_capacity, prefetch_batches=self.learn_prefetch, seed=self.learn_seed))
+
+    def train_config(self, *, algorithm: str | None = None, lr: float | None = None,
+                     ema_decay: float | None = None) -> TrainConfig:
+        return _build("SOP_LEARN_*", lambda: TrainConfig(
+            algorithm=algorithm or self.learn_algorithm,  # type: ignore[arg-type]
+            lr=lr or self.learn_lr, publish_every=self.learn_publish_every,
+            ema_decay=self.learn_ema_decay if ema_decay is None else ema_decay, device=self.device(),
+            num_threads=self.learn_threads, seed=self.learn_seed))
+
+    def recap_config(self, shared: Settings) -> RecapConfig:
+        return _build("SOP_RECAP_* / SOP_MAX_EPISODE_STEPS", lambda: RecapConfig(
+            n_step=shared.recap_advantage_horizon, c_fail=shared.recap_c_fail,
+            max_episode_length=shared.max_episode_steps, target_positive_share=self.recap_target_positive_share,
+            indicator_dropout=self.recap_indicator_dropout, cfg_beta=self.recap_cfg_beta))
+
+    def tasks(self) -> tuple[str, ...] | None:
+        return tuple(self.learn_tasks) if self.learn_tasks else None
+
+
+def _build(variable: str, make: Any) -> Any:
+    try:
+        return make()
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise SettingsError(f"{variable}: {exc}") from None
+
+
+def load_learner_settings(**overrides: object) -> LearnerSettings:
+    """Read the learner settings; raise :class:`SettingsError` naming the ``SOP_…`` variable on bad input."""
+    try:
+        return LearnerSettings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"])
+            problems.append(f"SOP_{name.upper()}: {err['msg']} (got {err.get('input')!r})")
+        raise SettingsError("invalid learner settings:\n  " + "\n  ".join(problems)) from None
+
+
+# ---- what the learner commands share ---------------------------------------------------------------------
+def open_lake(shared: Settings) -> Any:
+    from lakehouse import Lakehouse
+
+    return Lakehouse(shared.lake_root, storage_options=shared.lake_storage_options or None)
+
+
+def text_encoder(shared: Settings) -> Any:
+    """MiniLM with its embeddings cached under the run directory (BERT runs once per new instruction)."""
+    from learner.text import SentenceEncoder
+
+    return SentenceEncoder(cache_dir=shared.run_path / "embeddings")
+
+
+def prepare_registry(shared: Settings) -> str:
+    """The tracking URI, with the local store and its experiment created when the default local one is used."""
+    if shared.mlflow_tracking_uri is None:
+        from infra.mlflow_local import ensure_experiment
+
+        shared.run_path.mkdir(parents=True, exist_ok=True)
+        ensure_experiment(shared.tracking_uri, shared.artifact_root)
+    return shared.tracking_uri
+
+
+def quiet_mlflow() -> None:
+    """No per-download progress bars or info logs from MLflow in the middle of a live view."""
+    import logging
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
