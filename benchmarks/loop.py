@@ -124,9 +124,9 @@ def table(experiment: str, results: dict) -> str:
         for arm, r in results.items():
             s = r["success"]
             eph = r.get("episodes_per_hour")
-            lines.append(f"| {arm} | " + " | ".join(f"{s[t]:.2f}" for t in tasks) +
-                         f" | {sum(s.values()) / len(s):.2f} | {eph:.0f} |" if eph else
-                         f"| {arm} | " + " | ".join(f"{s[t]:.2f}" for t in tasks) + f" | {sum(s.values()) / len(s):.2f} | - |")
+            eph_text = f"{eph:.0f}" if eph else "-"
+            cells = " | ".join(f"{s[t]:.2f}" for t in tasks)
+            lines.append(f"| {arm} | {cells} | {sum(s.values()) / len(s):.2f} | {eph_text} |")
     else:
         lines += ["| actors | time to 0.8 (min) | speed-up | final rolling success |", "|---|---|---|---|"]
         for arm, r in results.items():

@@ -16,8 +16,17 @@ Modules (import them directly; this file imports nothing, so ``learner.recap`` s
 - ``sampler``     ``AdaptiveSampler`` (equal task weights, loss-driven online share), ``Prefetcher``
 - ``trainer``     ``Learner``: one update per ``step()``; ``AsyncPublisher``
 - ``registry``    ``register_policy`` / ``register_value`` / ``load_latest``: pyfunc versions actors load
+- ``feeder``      ``DeltaFeeder``: Delta ``demonstrations`` / ``steps`` -> sampler buffers, incrementally, on a thread
+- ``online``      ``run_learning(LearnConfig, ...)``: the continuous learner behind ``sop learn`` (resume, publish,
+                  auto or gated promotion, MLflow metrics, JSON status)
+- ``promotion``   ``promote`` / ``rollback`` with a champion history, ``PromotionGate`` on live success
+- ``pretrain``    ``pretrain_policy`` (behaviour cloning on demonstrations), ``pretrain_value``
+- ``ddp``         DistributedDataParallel under torchrun (gloo on CPU, NCCL on GPU)
+- ``demos_io``    ``write_demonstrations`` / ``make_demonstrations``: demonstrations into Delta, exactly once
+- ``evaluation``  ``evaluate_policy``: seeded held-out episodes per task in the simulator (imports ``producers``)
+- ``synthetic``   step rows shaped like the tables, ``HashEmbedder``: for tests and benchmarks
 
-The training loop::
+``run_learning`` does all of the following; the loop, by hand::
 
     cfg_model, cfg_sampler, cfg_train = ModelConfig(), SamplerConfig(), TrainConfig(algorithm="hg-dagger")
     text = SentenceEncoder(cache_dir=run_dir / "embeddings")

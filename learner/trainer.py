@@ -29,17 +29,23 @@ class LossFeedback(Protocol):
 class Learner:
     """Pulls a batch, takes one gradient step, feeds the per-sample losses back to the sampler, and every
     ``publish_every`` steps hands the (EMA of the) weights to ``publish`` (e.g. ``registry.PolicyPublisher``).
+
+    ``forward_model`` is what the algorithm's loss calls ``forward_batch`` on, when that is not ``model`` itself:
+    under DistributedDataParallel the forward pass must go through the DDP wrapper (``learner.ddp``) for the
+    gradients to be averaged across processes, while statistics, the EMA and publishing use the plain model.
     """
 
     def __init__(self, model: VLAPolicy, algorithm: Algorithm, batches: BatchSource, config: TrainConfig, *,
                  feedback: LossFeedback | None = None, publish: Publish | None = None,
-                 omega: Callable[[], Mapping[str, float]] | None = None, start_step: int = 0) -> None:
+                 omega: Callable[[], Mapping[str, float]] | None = None, start_step: int = 0,
+                 forward_model: Any = None) -> None:
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         torch.manual_seed(config.seed)
         self.config = config
         self.device = torch.device(config.device)
         self.model = model.to(self.device).train()
+        self.forward_model = forward_model if forward_model is not None else self.model
         self.algorithm = algorithm
         self.batches = batches
         self.feedback = feedback
@@ -56,7 +62,7 @@ class Learner:
         data_s = time.perf_counter() - start
         if self.steps < self.config.proprio_stats_steps:
             self.model.encoder.proprio_norm.update(batch.proprio)
-        loss, per_sample, metrics = self.algorithm.loss(self.model, batch)
+        loss, per_sample, metrics = self.algorithm.loss(self.forward_model, batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip is not None:
@@ -113,6 +119,10 @@ class AsyncPublisher:
         future = self._executor.submit(self._publish, snapshot, step, dict(metrics))
         self.futures.append(future)
         return future
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Run other registry work (e.g. a promotion gate check) on the same thread, after what is queued."""
+        return self._executor.submit(fn, *args)
 
     def close(self) -> list[Any]:
         """Wait for pending registrations; returns every result (re-raising the first failure)."""

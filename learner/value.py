@@ -7,7 +7,7 @@ the distribution's mean. The value model is trained offline and frozen during on
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -73,8 +73,10 @@ def value_loss(model: ValueModel, batch: Batch) -> tuple[torch.Tensor, torch.Ten
 
 def train_value(model: ValueModel, batches: BatchSource | Iterable[Batch], *, steps: int, lr: float = 3e-4,
                 weight_decay: float = 1e-4, grad_clip: float | None = 1.0, device: str = "cpu",
-                proprio_stats_steps: int = 1_000) -> list[dict[str, float]]:
-    """Fit the value model for ``steps`` gradient steps; returns the per-step metrics."""
+                proprio_stats_steps: int = 1_000,
+                on_step: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+    """Fit the value model for ``steps`` gradient steps; returns the per-step metrics (also handed to
+    ``on_step(step, metrics)`` as they come, e.g. for a progress bar)."""
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     iterator = iter(batches) if not isinstance(batches, BatchSource) else None
@@ -90,6 +92,8 @@ def train_value(model: ValueModel, batches: BatchSource | Iterable[Batch], *, st
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         history.append(metrics)
+        if on_step is not None:
+            on_step(step + 1, metrics)
     model.eval()
     return history
 

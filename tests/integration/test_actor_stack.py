@@ -129,7 +129,9 @@ def test_actor_publishes_decodable_episodes_and_switches_versions_between_episod
     assert {e.ended["outcome"] for e in episodes[:-1]} <= {"SUCCESS", "TIMEOUT"}
     assert sum(len(e.steps) for e in episodes) == run.monitor.status().steps
     for e in episodes:  # every step carries the version that acted, and a version holds for a whole episode
-        assert {s["policy_version"] for s in e.steps} == {e.version} == {e.ended["policy_version"]}
+        # (the episode cut short by the stop may have no step at all)
+        assert {s["policy_version"] for s in e.steps} <= {e.version} == {e.ended["policy_version"]}
+        assert e.steps or e.ended["outcome"] == "ABORTED"
         assert all(s["images"][0]["width"] == 32 and s["images"][0]["encoding"] == "jpeg" for s in e.steps)
         assert all(len(s["action"]) == 4 and len(s["proprio"]) == 39 for s in e.steps)
         kinds = [i["kind"] for i in e.interventions]
