@@ -160,6 +160,7 @@ class Processor:
         self.values = RegistryValueSource(tracking_uri=config.tracking_uri, name=config.value_model_name,
                                           poll_s=config.value_poll_s)
         self.metrics = Metrics()
+        self._last_log = time.monotonic()
         self.compaction = {name: CompactionSchedule(last_compaction_at=time.time(),
                                                     min_small_files=config.compaction_min_small_files,
                                                     max_interval_s=config.compaction_interval_s)
@@ -327,9 +328,15 @@ class Processor:
         self.metrics.last_flush_s = time.time()
 
     def write_metrics(self) -> None:
+        snap = self.metrics.snapshot(open_episodes=sum(len(v) for v in self.open_first_step.values()))
+        now = time.monotonic()
+        if now - self._last_log >= 30:
+            self._last_log = now
+            log.info("ingest: %(steps_in)d steps, %(episodes_closed)d episodes closed (%(episodes_aborted)d aborted), "
+                     "%(deadletters)d dead letters, %(open_episodes)d open, commit p50 %(commit_latency_p50_s)s "
+                     "p99 %(commit_latency_p99_s)s", snap)
         if self.config.metrics_file is None:
             return
-        snap = self.metrics.snapshot(open_episodes=sum(len(v) for v in self.open_first_step.values()))
         tmp = self.config.metrics_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(snap))
         tmp.replace(self.config.metrics_file)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 import click
 from confluent_kafka import Consumer, TopicPartition
 from rich.console import Console
@@ -30,6 +33,24 @@ def topic_sizes(bootstrap: str, topics: list[str], client_config: dict) -> dict[
         consumer.close()
 
 
+def partition_lag(bootstrap: str, group: str, settings) -> dict[str, dict[int, int]]:  # noqa: ANN001
+    """topic -> partition -> messages not yet committed by ``group``."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+                         **settings.kafka_client_config})
+    try:
+        out: dict[str, dict[int, int]] = {}
+        for name in ("Step", "EpisodeEvent", "InterventionEvent"):
+            topic = settings.topics[name]
+            md = consumer.list_topics(topic, timeout=5).topics[topic]
+            tps = [TopicPartition(topic, p) for p in md.partitions]
+            for tp in consumer.committed(tps, timeout=5):
+                lo, hi = consumer.get_watermark_offsets(tp, timeout=5)
+                out.setdefault(topic, {})[tp.partition] = hi - (tp.offset if tp.offset >= 0 else lo)
+        return out
+    finally:
+        consumer.close()
+
+
 @click.command("status")
 def command() -> None:
     """Say what runs and where."""
@@ -53,6 +74,23 @@ def command() -> None:
                 table.add_row(f"  {topic}", f"{n:,} messages", f"{parts} partitions")
         except Exception as exc:  # status must always print something useful
             table.add_row("  topics", f"[red]unreachable[/] {exc}", "")
+    for metrics_file in sorted((settings.run_path / "processor").glob("metrics-*.json")):
+        try:
+            m = json.loads(metrics_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        group = metrics_file.stem.removeprefix("metrics-")
+        age = time.time() - m.get("updated_at", 0)
+        state = "running" if age < 30 else f"last seen {age / 60:.0f} min ago"
+        p50, p99 = m.get("commit_latency_p50_s"), m.get("commit_latency_p99_s")
+        lat = f"commit p50 {p50:.2f}s p99 {p99:.2f}s" if p50 is not None else "no commits yet"
+        table.add_row(f"processor {group}", state,
+                      f"{m.get('steps_per_s', 0):,.0f} steps/s · {m.get('episodes_closed', 0)} episodes · "
+                      f"{m.get('deadletters', 0)} dead letters · {lat}")
+        if bootstrap and state == "running":
+            for topic, parts in partition_lag(bootstrap, group, settings).items():
+                table.add_row(f"  lag {topic}", f"{sum(parts.values()):,}",
+                              " ".join(f"p{p}:{lag}" for p, lag in sorted(parts.items())))
     ui = local_mlflow(settings).ui_state()
     table.add_row("mlflow", "local sqlite" if not settings.mlflow_tracking_uri else "external", settings.tracking_uri)
     table.add_row("mlflow ui", "running" if ui else "stopped", ui["url"] if ui else "-")
