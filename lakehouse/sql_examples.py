@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 EXAMPLES: dict[str, str] = {
+    "success_rate_last_hour": """
+SELECT task, policy_version,
+       count(*) AS episodes,
+       avg(CASE WHEN outcome = 'SUCCESS' THEN 1.0 ELSE 0.0 END) AS success_rate
+FROM episodes
+WHERE end_time >= now() - INTERVAL 1 HOUR
+GROUP BY task, policy_version
+ORDER BY task, policy_version
+""".strip(),
     "success_rate_by_task_and_policy": """
 SELECT task, policy_version,
        count(*) AS episodes,
