@@ -155,6 +155,7 @@ class Processor:
         self.open_end_offsets: dict[int, dict[str, int]] = defaultdict(dict)
         self.scanned: set[int] = set()
         self.presence: dict[str, assembly.Presence] = {}
+        self.partition_of: dict[str, int] = {}  # episode -> partition, for what memory holds of it
         self.baseline = RunningBaseline(buckets=config.reward.baseline_buckets,
                                         max_episode_length=config.reward.max_episode_length)
         self.values = RegistryValueSource(tracking_uri=config.tracking_uri, name=config.value_model_name,
@@ -178,11 +179,13 @@ class Processor:
         stop = stops[msg.topic].get(msg.partition)
         return stop is not None and msg.offset >= stop
 
-    def present(self, eid: str, meta: dict) -> assembly.Presence:
-        """The episode's stored step indices; after a restart, found by probing the recovered step store."""
+    def present(self, eid: str, meta: dict, *, refresh: bool = False) -> assembly.Presence:
+        """The episode's stored step indices; after a restart (or with ``refresh``, before a decision that
+        cannot be undone) found by probing the step store, which a rebalance may have recovered meanwhile."""
         found = self.presence.get(eid)
-        if found is None:
-            found = assembly.Presence(last_seen_s=time.time())
+        if found is None or refresh:
+            last_seen = found.last_seen_s if found is not None else time.time()
+            found = assembly.Presence(last_seen_s=last_seen)
             announced = meta["ended"]["num_steps"] if meta.get("ended") else 0
             misses, i = 0, 0
             while i < announced or misses < 64:  # step indices are dense; 64 misses in a row end the probe
@@ -193,6 +196,7 @@ class Processor:
                     misses += 1
                 i += 1
             self.presence[eid] = found
+            self.partition_of[eid] = meta["partition"]
         return found
 
     def finish_written(self, partition: int) -> None:
@@ -241,7 +245,7 @@ class Processor:
         if eid in self.closing:
             return
         steps = []
-        for i in sorted(self.present(eid, meta).indices):
+        for i in sorted(self.present(eid, meta, refresh=True).indices):
             raw = self.stepbuf.get(f"{eid}#{i}".encode())
             if raw is None:
                 continue
@@ -521,10 +525,13 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Processor]:
             present = proc.present(eid, m)
             if assembly.is_complete(m, present):
                 proc.close(m, reason="complete")
-            elif assembly.should_force_close(m, present, now_s=now, grace_s=cfg.end_grace_s):
+            elif assembly.should_force_close(m, present, now_s=now, grace_s=cfg.end_grace_s) and \
+                    not assembly.is_complete(m, present := proc.present(eid, m, refresh=True)):
                 log.warning("episode %s: %d of %d steps after %.0fs; closing with what arrived", eid,
                             present.count, m["ended"]["num_steps"], cfg.end_grace_s)
                 proc.close(m, reason="forced")
+            elif assembly.is_complete(m, present):
+                proc.close(m, reason="complete")
             elif assembly.should_abort(m, present, now_s=now, timeout_s=cfg.abort_timeout_s):
                 assembly.abort(m, present, topic=msg.topic, partition=p, offset=msg.offset, now_us=int(now * 1e6))
                 meta[key] = m

@@ -7,11 +7,14 @@ being the process that started things.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from confluent_kafka import Consumer, TopicPartition
 from rich.console import Group
 from rich.panel import Panel
@@ -98,8 +101,10 @@ def gather(settings: Settings, *, started_at_s: float, window: int = 20,
             st.episodes_per_hour = totals["last10"] * 3600 / span if span > 30 else None
         except Exception as exc:  # the view must keep drawing while tables are being created
             st.notes.append(f"episodes: {exc}")
-    st.processor = _json(settings.run_path / "processor" / f"metrics-{settings.processor_group}.json")
-    st.steps_rows = st.processor.get("rows_written", {}).get("steps", 0)
+    if lake.exists("steps"):
+        with contextlib.suppress(Exception):
+            actions = pa.table(lake.table("steps", create=False).get_add_actions(flatten=True))
+            st.steps_rows = int(pc.sum(actions.column("num_records")).as_py() or 0)
     if learner_status is not None:
         st.learner = _json(learner_status)
     st.lag = kafka_lag(settings, settings.processor_group)

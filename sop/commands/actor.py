@@ -19,17 +19,24 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from producers.fleet import ActorStatus, rate
+from producers.interfaces import EpisodeStats
 from producers.sim.tasks import ONLINE_SEEDS
 from sop.actor_settings import ActorSettings, load_actor_settings, parse_tasks
 from sop.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from producers.registry_source import Refusal, RegistryPolicySource, Switch
 
 LOG = logging.getLogger("sop.actor")
 
@@ -75,13 +82,13 @@ class ActorRun:
 
 @dataclass(frozen=True)
 class ActorOutcome:
-    status: object  # producers.fleet.ActorStatus
-    undelivered: int
-    error: str | None
+    status: ActorStatus
+    undelivered: int  # messages neither acknowledged nor failed when the flush gave up
+    error: str | None  # why the actor loop failed
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.undelivered == 0 and getattr(self.status, "failed", 0) == 0
+        return self.error is None and self.undelivered == 0 and self.status.failed == 0
 
 
 def quiet_mlflow() -> None:
@@ -137,6 +144,7 @@ def run_actor(run: ActorRun, *, settings: Settings, actor_settings: ActorSetting
     restore = _install_signal_handlers(stop)
     monitor = ActorMonitor(run.actor_id)
     source: RegistryPolicySource | None = None
+    thread: threading.Thread | None = None
     failures: list[str] = []
     try:
         robots = [MetaWorldRobot(MetaWorldRobotConfig(task=task, cameras=actor_settings.cameras,
@@ -155,14 +163,14 @@ def run_actor(run: ActorRun, *, settings: Settings, actor_settings: ActorSetting
         except NoPolicyYetError as exc:
             console.print(f"waiting up to {actor_settings.actor_policy_wait_s:.0f}s (SOP_ACTOR_POLICY_WAIT_S) for a "
                           f"loadable version: {exc}")
-        _wait_for_policy(source, stop, actor_settings.actor_policy_wait_s, NoPolicyYetError)
+        _wait_for_policy(source, stop, actor_settings.actor_policy_wait_s)
         if stop.is_set():
             return ActorOutcome(monitor.status(state=DONE), 0, None)
         publisher = make_publisher(settings, on_failure=lambda f: failures.append(f"{f.topic}: {f.error}"),
                                    raise_on_failure=False)
         deadline = None if run.duration_s is None else time.monotonic() + run.duration_s
 
-        def on_episode(stats) -> None:  # noqa: ANN001 - EpisodeStats
+        def on_episode(stats: EpisodeStats) -> None:
             monitor.on_episode(stats)
             if deadline is not None and time.monotonic() >= deadline:
                 stop.set()  # let the episode that just ended be the last one
@@ -188,7 +196,7 @@ def run_actor(run: ActorRun, *, settings: Settings, actor_settings: ActorSetting
         thread = threading.Thread(target=body, name=f"actor-{run.actor_id}", daemon=True)
         thread.start()
 
-        def snapshot(state: str):  # noqa: ANN202 - ActorStatus
+        def snapshot(state: str) -> ActorStatus:
             publisher.poll(0)  # serve delivery reports so the acked count is current
             stats = publisher.stats
             return monitor.status(state=state, delivered=stats.delivered, failed=stats.failed,
@@ -229,17 +237,21 @@ def run_actor(run: ActorRun, *, settings: Settings, actor_settings: ActorSetting
         restore()
         if source is not None:
             source.close()
-        for robot in robots:
-            robot.close()
+        if thread is None or not thread.is_alive():  # a second signal leaves a robot mid-step: let exit reap it
+            for robot in robots:
+                robot.close()
 
 
-def _wait_for_policy(source, stop: threading.Event, timeout_s: float, not_ready: type[Exception]) -> None:  # noqa: ANN001
+def _wait_for_policy(source: RegistryPolicySource, stop: threading.Event, timeout_s: float) -> None:
+    """Wait for the first version, in slices so that a signal during the wait stops it."""
+    from producers.registry_source import NoPolicyYetError
+
     deadline = time.monotonic() + timeout_s
     while not stop.is_set():
         try:
             source.wait_ready(min(1.0, max(0.01, deadline - time.monotonic())))
             return
-        except not_ready:
+        except NoPolicyYetError:
             if time.monotonic() >= deadline:
                 raise
 
@@ -255,7 +267,7 @@ class _Nothing:
         pass
 
 
-def _install_signal_handlers(stop: threading.Event):  # noqa: ANN202 - restore callback
+def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
     """SIGINT/SIGTERM set ``stop`` (the episode in progress ends ABORTED); a second one exits at once."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
@@ -274,22 +286,20 @@ def _install_signal_handlers(stop: threading.Event):  # noqa: ANN202 - restore c
     return restore
 
 
-def _report_switches(console: Console, history: list, shown: int) -> int:
+def _report_switches(console: Console, history: list[Switch], shown: int) -> int:
     for switch in history[shown:]:
         was = f" (was {switch.previous})" if switch.previous else ""
         console.print(f"policy version {switch.version}{was}: loaded in {switch.load_s:.2f}s")
     return len(history)
 
 
-def _report_refusals(console: Console, refusals: list, shown: int) -> int:
+def _report_refusals(console: Console, refusals: list[Refusal], shown: int) -> int:
     for refusal in refusals[shown:]:
         console.print(f"[red]refused policy version {refusal.version}[/red], keeping the current one: {refusal.error}")
     return len(refusals)
 
 
-def status_line(status) -> Text:  # noqa: ANN001 - ActorStatus
-    from producers.fleet import rate
-
+def status_line(status: ActorStatus) -> Text:
     line = Text()
     line.append(f"{status.actor_id} ", style="bold")
     line.append(f"{status.state} · v{status.version or '-'} · {status.episodes} episodes · "
@@ -303,9 +313,7 @@ def status_line(status) -> Text:  # noqa: ANN001 - ActorStatus
     return line
 
 
-def summary(status) -> str:  # noqa: ANN001 - ActorStatus
-    from producers.fleet import rate
-
+def summary(status: ActorStatus) -> str:
     versions = ", ".join(f"{v}: {n:,} steps" for v, n in status.versions.items()) or "none"
     return (f"{status.actor_id}: {status.episodes} episodes ({status.aborted} aborted), success "
             f"{rate(status.success_rate)}, takeover {rate(status.intervention_rate)}, {status.steps:,} steps "

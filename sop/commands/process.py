@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 
 import click
 from confluent_kafka.admin import AdminClient
@@ -31,7 +33,7 @@ def processor_config(settings: Settings, **overrides: object):  # noqa: ANN201 -
         value_model_name=settings.value_model_name,
         reward=RewardConfig(max_episode_length=settings.max_episode_steps, c_fail=settings.recap_c_fail,
                             advantage_horizon=settings.recap_advantage_horizon),
-        metrics_file=settings.run_path / "processor" / f"metrics-{settings.processor_group}.json",
+        metrics_file=settings.run_path / "processor" / f"metrics-{settings.processor_group}@{socket.gethostname()}-{os.getpid()}.json",
     )
     kwargs.update(overrides)
     try:

@@ -79,12 +79,14 @@ def command() -> None:
             m = json.loads(metrics_file.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        group = metrics_file.stem.removeprefix("metrics-")
+        group, _, worker = metrics_file.stem.removeprefix("metrics-").partition("@")
         age = time.time() - m.get("updated_at", 0)
+        if age > 3600:
+            continue  # a worker long gone
         state = "running" if age < 30 else f"last seen {age / 60:.0f} min ago"
         p50, p99 = m.get("commit_latency_p50_s"), m.get("commit_latency_p99_s")
         lat = f"commit p50 {p50:.2f}s p99 {p99:.2f}s" if p50 is not None else "no commits yet"
-        table.add_row(f"processor {group}", state,
+        table.add_row(f"processor {group} {worker}", state,
                       f"{m.get('steps_per_s', 0):,.0f} steps/s · {m.get('episodes_closed', 0)} episodes · "
                       f"{m.get('deadletters', 0)} dead letters · {lat}")
         if bootstrap and state == "running":

@@ -160,3 +160,33 @@ def test_episode_without_end_is_stored_as_aborted(kafka, topics, tmp_path) -> No
     row = query(Lakehouse(str(lake)), "SELECT outcome, closed_by, num_steps FROM episodes").to_pylist()
     assert row == [{"outcome": "ABORTED", "closed_by": "timeout", "num_steps": 8}]
     assert count(lake, "SELECT count(*) FROM steps WHERE outcome = 'ABORTED'") == 8
+
+
+def test_two_workers_in_one_group_split_the_partitions_exactly_once(kafka, tmp_path) -> None:
+    from tests.conftest import make_topics
+
+    topics = make_topics(kafka.bootstrap, partitions=4)
+    lake = tmp_path / "lake"
+    group = "two-workers"
+    first = ProcessorProcess(bootstrap=kafka.bootstrap, topics=topics, run_dir=tmp_path / "w1", lake=lake,
+                             group=group).start()
+    second = ProcessorProcess(bootstrap=kafka.bootstrap, topics=topics, run_dir=tmp_path / "w2", lake=lake,
+                              group=group).start()
+    try:
+        time.sleep(8)  # both join; publishing during the rebalance is part of the test
+        report = _publish(kafka, topics, LoadGenConfig(robots=8, hz=60, duration_s=12, seed=8, min_steps=20,
+                                                       max_steps=60, intervention_rate=0.3))
+        wait_for(lambda: count(lake, EPISODES) >= report.episodes and count(lake, STEPS) >= report.steps,
+                 timeout_s=240, processor=first)
+        time.sleep(2)
+        assert count(lake, EPISODES) == report.episodes
+        assert count(lake, STEPS) == report.steps
+        assert count(lake, DUPLICATE_STEPS) == 0
+        import json
+
+        worked = [json.loads(f.read_text())["steps_in"] for w in ("w1", "w2")
+                  for f in (tmp_path / w / "processor").glob("metrics-*.json")]
+        assert len(worked) == 2 and all(n > 0 for n in worked), worked
+    finally:
+        first.stop()
+        second.stop()
