@@ -28,12 +28,18 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from benchmarks._stack import benchmark_kafka, fresh_topics
+
+if TYPE_CHECKING:
+    from sop.actor_settings import ActorSettings
+    from sop.settings import Settings
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -79,7 +85,8 @@ def sim_alone(tasks: list[str], *, image_size: int, seconds: float, max_steps: i
             robot.close()
 
 
-def one_actor(tasks: list[str], *, image_size: int, seconds: float, settings, actor_settings) -> tuple[Rate, int]:  # noqa: ANN001
+def one_actor(tasks: list[str], *, image_size: int, seconds: float, settings: Settings,
+              actor_settings: ActorSettings) -> tuple[Rate, int]:
     """The full `sop actor` path (``run_actor``), free-running, measured over ``seconds`` of steady running
     between two of its status snapshots. Returns the rate and the messages delivered in the end."""
     from rich.console import Console
@@ -139,7 +146,7 @@ def fleet_propagation(*, actors: int, promotions: int, tasks: list[str], image_s
     def statuses() -> list[ActorStatus]:
         return [st for p in sorted(run_dir.glob("fleet/*/bench-*.json")) if (st := ActorStatus.read(p))]
 
-    def wait(condition, what: str, timeout_s: float = 120.0) -> None:  # noqa: ANN001
+    def wait(condition: Callable[[], bool], what: str, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
         while not condition():
             if fleet.poll() is not None or time.monotonic() > deadline:
