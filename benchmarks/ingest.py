@@ -63,6 +63,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--episodes", type=int, default=600)
     ap.add_argument("--latency-seconds", type=float, default=40.0)
+    ap.add_argument("--workers", type=int, default=1, help="Processor processes in one consumer group.")
     args = ap.parse_args()
 
     with benchmark_kafka() as bootstrap, tempfile.TemporaryDirectory(prefix="sop-ingest-") as tmp:
@@ -75,13 +76,14 @@ def main() -> None:
         print(f"backlog: {report.steps:,} steps in {report.episodes} episodes")
 
         lake = Lakehouse(str(run / "lake"))
-        proc = processor_process(bootstrap=bootstrap, topics=topics, run_dir=run, lake=run / "lake",
-                                 group="bench-ingest").start()
+        workers = [processor_process(bootstrap=bootstrap, topics=topics, run_dir=run / f"w{i}", lake=run / "lake",
+                                     group="bench-ingest").start() for i in range(args.workers)]
         samples: list[tuple[float, int]] = []
         t_start = time.monotonic()
         try:
             while True:
-                proc.assert_alive()
+                for w in workers:
+                    w.assert_alive()
                 n = _rows(lake, "steps")
                 samples.append((time.monotonic(), n))
                 if n >= report.steps:
@@ -94,7 +96,8 @@ def main() -> None:
             t10, t90 = float(np.interp(lo, ns, ts)), float(np.interp(hi, ns, ts))
             sustained = (hi - lo) / max(1e-9, t90 - t10)
             raw = raw_consume_rate(bootstrap, topics["Step"], report.steps)
-            print(f"pipeline sustained   : {sustained:>9,.0f} steps/s  (Kafka → faust → Delta, exactly once)")
+            print(f"pipeline sustained   : {sustained:>9,.0f} steps/s  (Kafka → faust → Delta, exactly once, "
+                  f"{args.workers} worker{'s' if args.workers > 1 else ''})")
             print(f"raw consume          : {raw:>9,.0f} steps/s  (confluent-kafka, bytes only)")
             print(f"ratio                : {sustained / raw:.3f}   (target: >= 5,000 steps/s sustained)")
 
@@ -135,9 +138,10 @@ def main() -> None:
             print(f"end → visible        : p50 {statistics.median(lat):.2f} s, p99 {lat[int(0.99 * (len(lat) - 1))]:.2f} s "
                   f"over {len(lat)} episodes (target p99 <= 3 s; polling adds up to 0.1 s)")
         finally:
-            proc.stop()
+            for w in workers:
+                w.stop()
     print(f"reproduce: .venv/bin/python -m benchmarks.ingest --episodes {args.episodes} "
-          f"--latency-seconds {args.latency_seconds:g}")
+          f"--latency-seconds {args.latency_seconds:g} --workers {args.workers}")
 
 
 if __name__ == "__main__":
