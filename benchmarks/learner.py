@@ -1,22 +1,25 @@
 """Trainer steps/s fed by the real sampler (Delta -> DeltaFeeder -> AdaptiveSampler -> Prefetcher) vs fed one
 in-memory batch, in the same run, and the sampler's own batch-building rate.
 
-    .venv/bin/python -m benchmarks.learner [--rounds 3] [--steps 150] [--threads 1]
+    .venv/bin/python -m benchmarks.learner [--rounds 4] [--steps 150] [--threads 1]
 
 A temporary Delta lake is filled with loadgen-like rows (64x64 JPEG frames, 39-d state, 4-d actions, human
 takeovers) in ``demonstrations`` and ``steps``; the feeder keeps polling it while the trainer runs, and a
-writer keeps appending closed episodes to ``steps`` during the fed rounds (so the sampler works while new
-data arrives, as in production). Rounds alternate which side goes first; medians and their ratio are printed.
+writer process (standing in for the stream processor) keeps appending one closed 100-step episode per second
+to ``steps``, so the feeder ingests while the trainer trains, as in production. Rounds alternate which side
+goes first; medians and their ratio are printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
+import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +47,19 @@ class OneBatch:
         return self.batch
 
 
+def keep_writing(root: str, stop: Any) -> None:
+    """One closed episode per second into ``steps``, from another process (as the stream processor would)."""
+    torch.set_num_threads(1)
+    lake = Lakehouse(root)
+    frames = jpeg_pool(32, 64, seed=9)
+    rng = np.random.default_rng(5)
+    i = 0
+    while not stop.wait(1.0):
+        write_rows(lake, "steps", synthetic_episode(TASKS[i % len(TASKS)], 100, rng, episode_id=f"bench-live-{i}",
+                                                    demo=False, frames=frames, human_steps=range(20, 50)))
+        i += 1
+
+
 def timed_steps(learner: Learner, steps: int) -> float:
     learner.run(5)  # warm-up (allocator, first batches)
     t0 = time.perf_counter()
@@ -53,14 +69,17 @@ def timed_steps(learner: Learner, steps: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=150, help="Trainer steps per side and round.")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--episodes", type=int, default=10, help="Demonstration and online episodes per task.")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the trainer.")
     ap.add_argument("--algorithm", choices=["hg-dagger", "recap"], default="hg-dagger")
+    ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for the run (s).")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
 
     with tempfile.TemporaryDirectory(prefix="sop-bench-learner-") as tmp:
         lake = Lakehouse(Path(tmp) / "lake")
@@ -86,19 +105,8 @@ def main() -> None:
             sampler.next_batch()
         batches_per_s = n_batches / (time.perf_counter() - t0)
 
-        stop = threading.Event()
-        frames = jpeg_pool(32, 64, seed=9)
-
-        def keep_writing() -> None:
-            rng = np.random.default_rng(5)
-            i = 0
-            while not stop.wait(1.0):
-                task = TASKS[i % len(TASKS)]
-                write_rows(lake, "steps", synthetic_episode(task, 100, rng, episode_id=f"bench-live-{i}", demo=False,
-                                                            frames=frames, human_steps=range(20, 50)))
-                i += 1
-
-        writer = threading.Thread(target=keep_writing, daemon=True)
+        stop = multiprocessing.get_context("spawn").Event()
+        writer = multiprocessing.get_context("spawn").Process(target=keep_writing, args=(lake.root, stop), daemon=True)
         writer.start()
         fixed_batch = sampler.next_batch()
         fed_rates, fixed_rates, waits = [], [], []
@@ -118,7 +126,7 @@ def main() -> None:
                 rate = (fed_rates if side == "fed" else fixed_rates)[-1]
                 print(f"  round {rnd + 1} {side:>5}: {rate:6.1f} steps/s")
         stop.set()
-        writer.join()
+        writer.join(30)
         feeder.close()
         added = feeder.stats().tables["steps"].episodes_added - args.episodes * len(TASKS)
 

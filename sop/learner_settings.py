@@ -70,7 +70,7 @@ class LearnerSettings(BaseSettings):
     value_model: dict[str, Any] = Field(default_factory=dict)
 
     # offline training
-    pretrain_steps: int = Field(2000, ge=1, description="Behaviour-cloning steps of the base policy.")
+    pretrain_steps: int = Field(600, ge=1, description="Behaviour-cloning steps of the base policy.")
     pretrain_lr: float = Field(3e-4, gt=0)
     pretrain_ema_decay: float = Field(0.99, ge=0, lt=1, description="EMA of the weights published.")
     value_steps: int = Field(2000, ge=1)

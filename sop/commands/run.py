@@ -18,12 +18,13 @@ from sop.settings import load_settings
 @click.option("--tasks", default=None, help="Comma-separated tasks (default: the default suite).")
 @click.option("--hz", default=30.0, show_default=True, help="Control rate of every robot (0 = as fast as possible).")
 @click.option("--operator/--no-operator", default=True, show_default=True, help="Simulated human takeovers.")
-@click.option("--demos-per-task", default=10, show_default=True, help="Demonstrations to create when there are none.")
+@click.option("--demos-per-task", type=int, default=None,
+              help="Demonstrations per task to create when there are none (default: calibrated per task).")
 @click.option("--learn/--no-learn", "learn_online", default=True, show_default=True,
               help="--no-learn: collect with the frozen champion only (train afterwards with `sop learn`).")
 @click.option("--keep-stack", is_flag=True, help="Leave Kafka running afterwards (`sop down` stops it).")
 def command(actors: int, minutes: float, target_success: float | None, algorithm: str, sampler: str,
-            tasks: str | None, hz: float, operator: bool, demos_per_task: int, learn_online: bool,
+            tasks: str | None, hz: float, operator: bool, demos_per_task: int | None, learn_online: bool,
             keep_stack: bool) -> None:
     """Stack up, demonstrations and base policy if missing, processor + learner + N actors, live view, report."""
     settings = load_settings()
