@@ -7,6 +7,12 @@ it lives here and why the submodules (which import MetaWorld) are not imported e
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")
+
+# Mesa's software EGL and triton each load their own LLVM: importing triton (transformers does, when a
+# robot falls back to the MiniLM encoder) after MuJoCo rendered a frame segfaults. Loaded first, both coexist.
+with contextlib.suppress(ImportError):
+    import triton  # noqa: F401
