@@ -376,6 +376,24 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Processor]:
             raise codec.InvalidMessageError(f"a {name} record on the {expected} topic {event.message.topic}")
         return record
 
+    async def admit(event: Any, expected: str, *, ack: bool) -> dict | None:
+        """The start of every data event: skip what lies past a replay's end, finish what is written in this
+        partition, then decode — or dead-letter and move on."""
+        msg = event.message
+        if proc.beyond_stop(msg):
+            if ack:
+                event.ack()
+            return None
+        proc.rescan(msg.partition)
+        proc.finish_written(msg.partition)
+        try:
+            return decoded(event, expected)
+        except codec.DecodeError as exc:
+            await proc.dead_letter(event, exc)
+            if ack:
+                event.ack()
+            return None
+
     async def guarded(event: Any, handle: Any, *, ack: bool) -> None:
         """Run one event's handler; an unexpected error dead-letters that event instead of killing the agent."""
         try:
@@ -393,17 +411,11 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Processor]:
             await guarded(event, handle_step, ack=False)
 
     async def handle_step(event: Any) -> None:
+        step = await admit(event, "Step", ack=False)
+        if step is None:
+            return
         msg = event.message
         p = msg.partition
-        if proc.beyond_stop(msg):
-            return
-        proc.rescan(p)
-        proc.finish_written(p)
-        try:
-            step = decoded(event, "Step")
-        except codec.DecodeError as exc:
-            await proc.dead_letter(event, exc)
-            return
         proc.step_next[p] = max(proc.step_next.get(p, 0), msg.offset + 1)
         eid = step["episode_id"]
         key = eid.encode()
@@ -432,19 +444,11 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Processor]:
             await guarded(event, handle_episode_event, ack=True)
 
     async def handle_episode_event(event: Any) -> None:
+        ev = await admit(event, "EpisodeEvent", ack=True)
+        if ev is None:
+            return
         msg = event.message
         p = msg.partition
-        if proc.beyond_stop(msg):
-            event.ack()
-            return
-        proc.rescan(p)
-        proc.finish_written(p)
-        try:
-            ev = decoded(event, "EpisodeEvent")
-        except codec.DecodeError as exc:
-            await proc.dead_letter(event, exc)
-            event.ack()
-            return
         proc.end_next[p] = max(proc.end_next.get(p, 0), msg.offset + 1)
         eid = ev["episode_id"]
         key = eid.encode()
@@ -472,19 +476,11 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Processor]:
             await guarded(event, handle_intervention, ack=True)
 
     async def handle_intervention(event: Any) -> None:
+        ev = await admit(event, "InterventionEvent", ack=True)
+        if ev is None:
+            return
         msg = event.message
         p = msg.partition
-        if proc.beyond_stop(msg):
-            event.ack()
-            return
-        proc.rescan(p)
-        proc.finish_written(p)
-        try:
-            ev = decoded(event, "InterventionEvent")
-        except codec.DecodeError as exc:
-            await proc.dead_letter(event, exc)
-            event.ack()
-            return
         key = ev["episode_id"].encode()
         m = meta.get(key)
         if m is None or m["status"] == OPEN:
