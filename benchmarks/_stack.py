@@ -9,7 +9,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from infra import KafkaBrokerConfig, LocalKafka, TopicSpec, ensure_topics
+from infra import KafkaBrokerConfig, LocalKafka
+from infra.kafka import create_topic_set
 
 
 @contextlib.contextmanager
@@ -26,8 +27,4 @@ def benchmark_kafka() -> Iterator[str]:
 
 
 def fresh_topics(bootstrap: str, *, partitions: int = 4) -> dict[str, str]:
-    prefix = f"bench{uuid.uuid4().hex[:6]}."
-    topics = {"Step": f"{prefix}steps", "EpisodeEvent": f"{prefix}episodes",
-              "InterventionEvent": f"{prefix}interventions", "deadletter": f"{prefix}deadletter"}
-    ensure_topics(bootstrap, [TopicSpec(name=t, partitions=partitions) for t in topics.values()])
-    return topics
+    return create_topic_set(bootstrap, prefix=f"bench{uuid.uuid4().hex[:6]}.", partitions=partitions)

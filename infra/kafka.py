@@ -260,6 +260,19 @@ def wait_until_ready(bootstrap: str, *, timeout_s: float, client_config: dict | 
     raise StackError(f"Kafka at {bootstrap} did not answer within {timeout_s:.0f}s ({last})")
 
 
+def topic_names(prefix: str) -> dict[str, str]:
+    """Record name -> topic for one deployment (plus the dead-letter topic under ``"deadletter"``)."""
+    return {"Step": f"{prefix}steps", "EpisodeEvent": f"{prefix}episodes",
+            "InterventionEvent": f"{prefix}interventions", "deadletter": f"{prefix}deadletter"}
+
+
+def create_topic_set(bootstrap: str, *, prefix: str, partitions: int) -> dict[str, str]:
+    """Create the four topics under ``prefix`` (tests and benchmarks use a fresh prefix each)."""
+    topics = topic_names(prefix)
+    ensure_topics(bootstrap, [TopicSpec(name=t, partitions=partitions) for t in topics.values()])
+    return topics
+
+
 def ensure_topics(bootstrap: str, specs: list[TopicSpec], *, client_config: dict | None = None,
                   timeout_s: float = 30.0) -> list[str]:
     """Create the topics that do not exist yet; return the names created. Harmless to call twice."""

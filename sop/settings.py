@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from infra.kafka import DEFAULT_KAFKA_VERSION, TopicSpec
+from infra.kafka import DEFAULT_KAFKA_VERSION, TopicSpec, topic_names
 
 
 class SettingsError(ValueError):
@@ -91,8 +91,7 @@ class Settings(BaseSettings):
     @property
     def topics(self) -> dict[str, str]:
         """Record name → topic, plus the dead-letter topic under ``"deadletter"``."""
-        return {"Step": self.topic("steps"), "EpisodeEvent": self.topic("episodes"),
-                "InterventionEvent": self.topic("interventions"), "deadletter": self.topic("deadletter")}
+        return topic_names(self.topic_prefix)
 
     def topic_specs(self) -> list[TopicSpec]:
         return [TopicSpec(name=name, partitions=self.topic_partitions,

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from infra import KafkaBrokerConfig, LocalKafka, TopicSpec, ensure_topics
+from infra import KafkaBrokerConfig, LocalKafka
+from infra.kafka import create_topic_set
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -42,11 +43,7 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaUnderTest]:
 
 
 def make_topics(bootstrap: str, *, partitions: int = 2) -> dict[str, str]:
-    prefix = f"t{uuid.uuid4().hex[:10]}."
-    topics = {"Step": f"{prefix}steps", "EpisodeEvent": f"{prefix}episodes",
-              "InterventionEvent": f"{prefix}interventions", "deadletter": f"{prefix}deadletter"}
-    ensure_topics(bootstrap, [TopicSpec(name=t, partitions=partitions) for t in topics.values()])
-    return topics
+    return create_topic_set(bootstrap, prefix=f"t{uuid.uuid4().hex[:10]}.", partitions=partitions)
 
 
 @pytest.fixture
