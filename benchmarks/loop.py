@@ -41,12 +41,21 @@ def sop(args: list[str], run_dir: Path, *, env: dict | None = None, timeout: flo
         raise SystemExit(f"`sop {' '.join(args)}` failed ({proc.returncode}); log: {log}")
 
 
-def prepare(base: Path, *, demos: int, tasks: list[str] | None) -> None:
+def prepare(base: Path, *, demos: int | None, tasks: list[str] | None) -> None:
+    """Demonstrations and base policy once, shared by every arm: by default the calibrated per-task counts
+    that `sop run` uses (``learner.demos_io.BASE_DEMOS_PER_TASK``), so the base is the README's base."""
     if (base / "prepared").exists():
         return
     t = ["--tasks", ",".join(tasks)] if tasks else []
     sop(["up"], base)
-    sop(["demos", "--episodes-per-task", str(demos), *t], base)
+    if demos is not None:
+        sop(["demos", "--episodes-per-task", str(demos), *t], base)
+    else:
+        from lakehouse.tables import Lakehouse
+        from learner.demos_io import BASE_DEMOS_PER_TASK, make_demonstrations
+
+        counts = {task: BASE_DEMOS_PER_TASK.get(task, 10) for task in (tasks or BASE_DEMOS_PER_TASK)}
+        make_demonstrations(Lakehouse(str(base / "lake")), episodes_per_task=counts, progress=True)
     sop(["pretrain", "--no-eval"], base)
     sop(["down"], base)
     (base / "prepared").touch()
@@ -143,7 +152,8 @@ def main() -> None:
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--fleet", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--eval-episodes", type=int, default=50)
-    ap.add_argument("--demos", type=int, default=10, help="Demonstrations per task of the shared base.")
+    ap.add_argument("--demos", type=int, default=None,
+                    help="Demonstrations per task of the shared base (default: the calibrated counts per task).")
     ap.add_argument("--offline-steps", type=int, default=3000, help="Learner steps after collection (offline arm).")
     ap.add_argument("--tasks", nargs="+", default=None)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))

@@ -13,7 +13,8 @@ In the episodes table ``mc_return`` is the raw episode return.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import struct
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,6 +52,40 @@ def new_meta(episode_id: str, partition: int, now_s: float) -> dict:
     return {"episode_id": episode_id, "partition": partition, "status": OPEN, "first_seen_s": now_s,
             "first_step_offset": None, "started": None, "ended": None, "interventions": [], "versions": [],
             "closed_at_s": None}
+
+
+# -- step chunks: how an open episode's steps are kept in the changelog-backed step store -------------
+# One store entry holds consecutive arrivals of one episode (key ``<episode>#c<n>``, n = 0, 1, …), so the
+# changelog gets one message per chunk instead of one per step (and one tombstone per chunk at the end).
+_CHUNK_ENTRY = struct.Struct(">iqI")  # step index, Kafka offset, length of the encoded step
+
+
+def chunk_key(episode_id: str, n: int) -> bytes:
+    return f"{episode_id}#c{n}".encode()
+
+
+def pack_steps(entries: Iterable[tuple[int, int, bytes]]) -> bytes:
+    """(step index, Kafka offset, encoded step) entries → one chunk value."""
+    parts = []
+    for index, offset, raw in entries:
+        parts.append(_CHUNK_ENTRY.pack(index, offset, len(raw)))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def unpack_steps(blob: bytes) -> list[tuple[int, int, bytes]]:
+    """The inverse of :func:`pack_steps`; a truncated chunk raises ``ValueError``."""
+    out, pos, view = [], 0, memoryview(blob)
+    while pos < len(blob):
+        if pos + _CHUNK_ENTRY.size > len(blob):
+            raise ValueError(f"truncated step chunk: header at byte {pos} of {len(blob)}")
+        index, offset, size = _CHUNK_ENTRY.unpack_from(blob, pos)
+        pos += _CHUNK_ENTRY.size
+        if pos + size > len(blob):
+            raise ValueError(f"truncated step chunk: step {index} needs {size} bytes at {pos} of {len(blob)}")
+        out.append((index, offset, bytes(view[pos:pos + size])))
+        pos += size
+    return out
 
 
 @dataclass

@@ -4,8 +4,11 @@
     run_worker(app)          # until SIGINT/SIGTERM
 
 Agents (one per topic, co-partitioned by episode id):
-- ``sop.steps``: each step is stored in the changelog-backed table ``episode-steps`` (key
-  ``<episode>#<step index>``, so a replayed step overwrites itself) and counted in ``episode-meta``.
+- ``sop.steps``: each step is held in memory with its episode (decoded, for the close) and written to the
+  changelog-backed table ``episode-steps`` in chunks of consecutive arrivals (key ``<episode>#c<n>``):
+  every ``chunk_steps`` steps of an episode and at every tick. A step event is acknowledged once its
+  chunk is in the table, or once its episode is in Delta — so after a crash a step is either in a
+  recovered chunk or read again from Kafka (step indices make the replayed copy idempotent).
 - ``sop.episodes``: STARTED/ENDED recorded in ``episode-meta``; an ENDED episode closes as soon as all
   the steps it announces are here.
 - ``sop.interventions``: one ``interventions`` row per event, and the takeover counted in the meta.
@@ -18,7 +21,8 @@ Exactly once: closing an episode only queues its rows; a flush timer writes them
 then interventions) through ``lakehouse.ExactlyOnceWriter`` with each table's Kafka watermarks in the
 same Delta commit. ENDED and intervention events are acknowledged only after their rows are in Delta,
 and an episode's steps leave the table only after that, so a crash at any point replays into the
-writers' filters: no duplicate, no loss. Undecodable events go to the dead-letter topic.
+writers' filters: no duplicate, no loss. Undecodable events go to the dead-letter topic. Chunks (not one
+changelog message per step) are what lets one worker keep up with thousands of steps per second.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import struct
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -45,7 +48,6 @@ from lakehouse.maintenance import CompactionSchedule, maybe_compact
 from schemas import codec
 
 log = logging.getLogger("sop.processor")
-_OFFSET = struct.Struct(">q")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +70,7 @@ class ProcessorConfig:
     value_poll_s: float = 60.0
     compaction_min_small_files: int = 64
     compaction_interval_s: float = 900.0
+    chunk_steps: int = 64  # steps of one episode per changelog entry of the step store
     metrics_file: Path | None = None
     session_timeout_s: float = 10.0
     # replay: topic -> partition -> first offset NOT to process (events from there on are skipped)
@@ -80,6 +83,8 @@ class ProcessorConfig:
                 problems.append(f"topics lacks {name!r}")
         if self.partitions < 1:
             problems.append(f"partitions must be >= 1, got {self.partitions}")
+        if self.chunk_steps < 1:
+            problems.append(f"chunk_steps must be >= 1, got {self.chunk_steps}")
         for name in ("flush_interval_s", "tick_interval_s", "end_grace_s", "abort_timeout_s"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0")
@@ -101,6 +106,23 @@ class Pending:
     interventions: list[dict] = field(default_factory=list)
     events_to_ack: list[Any] = field(default_factory=list)
     finished: list[tuple[int, str]] = field(default_factory=list)  # (partition, episode id)
+
+
+@dataclass
+class EpisodeBuffer:
+    """An open episode's steps in this worker's memory: every step decoded (for the close), and the raw
+    bytes and unacknowledged events of the steps that are not in a changelog chunk yet."""
+
+    partition: int
+    records: dict[int, tuple[int, dict]] = field(default_factory=dict)  # step index -> (offset, record)
+    unchunked: list[tuple[int, int, bytes]] = field(default_factory=list)  # (index, offset, raw)
+    events: list[Any] = field(default_factory=list)  # step events to acknowledge once their steps are safe
+    chunks: int = 0  # chunks of this episode in the step store
+
+    def ack(self) -> None:
+        for event in self.events:
+            event.ack()
+        self.events = []
 
 
 @dataclass
@@ -155,6 +177,7 @@ class Processor:
         self.open_end_offsets: dict[int, dict[str, int]] = defaultdict(dict)
         self.scanned: set[int] = set()
         self.presence: dict[str, assembly.Presence] = {}
+        self.buffers: dict[str, EpisodeBuffer] = {}
         self.partition_of: dict[str, int] = {}  # episode -> partition, for what memory holds of it
         self.baseline = RunningBaseline(buckets=config.reward.baseline_buckets,
                                         max_episode_length=config.reward.max_episode_length)
@@ -179,25 +202,62 @@ class Processor:
         stop = stops[msg.topic].get(msg.partition)
         return stop is not None and msg.offset >= stop
 
+    def buffer(self, eid: str, partition: int) -> EpisodeBuffer:
+        buf = self.buffers.get(eid)
+        if buf is None:
+            buf = self.buffers[eid] = EpisodeBuffer(partition=partition)
+        return buf
+
     def present(self, eid: str, meta: dict, *, refresh: bool = False) -> assembly.Presence:
-        """The episode's stored step indices; after a restart (or with ``refresh``, before a decision that
-        cannot be undone) found by probing the step store, which a rebalance may have recovered meanwhile."""
+        """The episode's held step indices: memory plus the chunks in the step store. The store is probed
+        after a restart (memory is empty then) and with ``refresh``, before a decision that cannot be
+        undone (a rebalance may have recovered chunks meanwhile); chunked steps not in memory are decoded."""
         found = self.presence.get(eid)
         if found is None or refresh:
             last_seen = found.last_seen_s if found is not None else time.time()
             found = assembly.Presence(last_seen_s=last_seen)
-            announced = meta["ended"]["num_steps"] if meta.get("ended") else 0
-            misses, i = 0, 0
-            while i < announced or misses < 64:  # step indices are dense; 64 misses in a row end the probe
-                if f"{eid}#{i}".encode() in self.stepbuf:
-                    found.indices.add(i)
-                    misses = 0
-                else:
-                    misses += 1
-                i += 1
+            buf = self.buffer(eid, meta["partition"])
+            n = 0
+            while (blob := self.stepbuf.get(assembly.chunk_key(eid, n))) is not None:  # chunks are numbered densely
+                for index, offset, raw in assembly.unpack_steps(blob):
+                    if index not in buf.records:
+                        _, record = codec.decode(raw, validate_record=False)
+                        buf.records[index] = (offset, record)
+                n += 1
+            buf.chunks = max(buf.chunks, n)
+            found.indices.update(buf.records)
             self.presence[eid] = found
             self.partition_of[eid] = meta["partition"]
         return found
+
+    def hold_step(self, eid: str, meta: dict, step: dict, event: Any) -> None:
+        """Keep a new step in memory; a full chunk goes to the step store (call in the step's partition)."""
+        msg = event.message
+        buf = self.buffer(eid, meta["partition"])
+        buf.records[step["step_index"]] = (msg.offset, step)
+        buf.unchunked.append((step["step_index"], msg.offset, msg.value))
+        buf.events.append(event)
+        if len(buf.unchunked) >= self.config.chunk_steps:
+            self.write_chunk(eid)
+
+    def write_chunk(self, eid: str) -> None:
+        """The episode's steps not yet in the step store, as one changelog entry; then their events are safe
+        to acknowledge. Must run in the context of an event of the episode's partition (faust writes the
+        changelog to the partition of the current event)."""
+        buf = self.buffers.get(eid)
+        if buf is None or not buf.unchunked:
+            return
+        self.stepbuf[assembly.chunk_key(eid, buf.chunks)] = assembly.pack_steps(buf.unchunked)
+        buf.chunks += 1
+        buf.unchunked = []
+        buf.ack()
+
+    def forget_partitions(self, partitions: set[int]) -> None:
+        """After a revocation: drop what memory holds of those partitions' open episodes, without acknowledging
+        their events (faust seeks to the committed offsets on reassignment, so they are read again)."""
+        for eid in [e for e, b in self.buffers.items() if b.partition in partitions]:
+            del self.buffers[eid]
+            self.presence.pop(eid, None)
 
     def finish_written(self, partition: int) -> None:
         """Mark episodes already in Delta as closed and drop their steps (changelog writes to ``partition``)."""
@@ -206,9 +266,13 @@ class Processor:
             meta = self.meta.get(key)
             if meta is None:
                 continue
-            for i in sorted(self.present(eid, meta).indices):
+            buf = self.buffers.pop(eid, None)
+            n = buf.chunks if buf is not None else 0
+            while assembly.chunk_key(eid, n) in self.stepbuf:  # chunks memory does not know of (a restart)
+                n += 1
+            for i in range(n):
                 with contextlib.suppress(KeyError):
-                    del self.stepbuf[f"{eid}#{i}".encode()]
+                    del self.stepbuf[assembly.chunk_key(eid, i)]
             meta["status"] = CLOSED
             meta["closed_at_s"] = time.time()
             self.meta[key] = meta
@@ -244,14 +308,10 @@ class Processor:
         eid = meta["episode_id"]
         if eid in self.closing:
             return
-        steps = []
-        for i in sorted(self.present(eid, meta, refresh=True).indices):
-            raw = self.stepbuf.get(f"{eid}#{i}".encode())
-            if raw is None:
-                continue
-            (offset,) = _OFFSET.unpack_from(raw)
-            _, record = codec.decode(raw[_OFFSET.size:], validate_record=False)
-            steps.append((record, self.config.topics["Step"], meta["partition"], offset))
+        self.present(eid, meta, refresh=True)
+        topic, partition = self.config.topics["Step"], meta["partition"]
+        buf = self.buffer(eid, partition)
+        steps = [(record, topic, partition, offset) for _, (offset, record) in sorted(buf.records.items())]
         try:
             self.values.refresh()
         except Exception as exc:  # the registry being away must not stop ingest: fall back to the baseline
@@ -325,6 +385,11 @@ class Processor:
         for event in batch.events_to_ack:
             event.ack()
         for p, eid in batch.finished:
+            buf = self.buffers.get(eid)
+            if buf is not None:  # its steps are in Delta now: the ones never chunked need no chunk
+                buf.ack()
+                buf.unchunked = []
+                buf.records.clear()
             self.open_first_step[p].pop(eid, None)
             self.open_end_offsets[p].pop(eid, None)
             self.finish_queue[p].append(eid)
@@ -368,7 +433,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Processor]:
     proc.deadletter_topic = app.topic(config.topics["deadletter"], **raw)
     proc.meta = app.Table("episode-meta", partitions=config.partitions, key_type=bytes)  # JSON values
     proc.stepbuf = app.Table("episode-steps", partitions=config.partitions, key_type=bytes, value_type=bytes)
-    meta, stepbuf = proc.meta, proc.stepbuf
+    meta = proc.meta
 
     def decoded(event: Any, expected: str) -> dict:
         name, record = codec.decode(event.value)
@@ -407,11 +472,11 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Processor]:
 
     @app.agent(steps_topic)
     async def on_steps(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            await guarded(event, handle_step, ack=False)
+        async for event in stream.noack().events():
+            await guarded(event, handle_step, ack=True)
 
     async def handle_step(event: Any) -> None:
-        step = await admit(event, "Step", ack=False)
+        step = await admit(event, "Step", ack=True)
         if step is None:
             return
         msg = event.message
@@ -421,16 +486,18 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Processor]:
         key = eid.encode()
         m = meta.get(key)
         if m is not None and (m["status"] == CLOSED or eid in proc.closing):
-            return  # a replayed or late step of an episode already written
+            event.ack()  # a replayed or late step of an episode already written
+            return
         now = time.time()
         created = m is None
         m = m or assembly.new_meta(eid, p, now)
-        skey = f"{eid}#{step['step_index']}".encode()
-        if skey not in stepbuf:
-            stepbuf[skey] = _OFFSET.pack(msg.offset) + msg.value
-            proc.metrics.steps_in += 1
         present = proc.present(eid, m)
-        present.indices.add(step["step_index"])
+        if step["step_index"] in present.indices:
+            event.ack()  # a second copy of a step already held
+        else:
+            present.indices.add(step["step_index"])
+            proc.metrics.steps_in += 1
+            proc.hold_step(eid, m, step, event)
         present.last_seen_s = now
         if assembly.on_step(m, step, offset=msg.offset) or created:
             meta[key] = m
@@ -518,6 +585,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Processor]:
                 continue
             if eid in proc.closing:
                 continue
+            proc.write_chunk(eid)  # what arrived since the last chunk, so its events can be acknowledged
             present = proc.present(eid, m)
             if assembly.is_complete(m, present):
                 proc.close(m, reason="complete")
@@ -534,6 +602,10 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Processor]:
                 log.warning("episode %s: no end after %.0fs of silence; stored as ABORTED", eid,
                             cfg.abort_timeout_s)
                 proc.close(m, reason="aborted")
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(sender: Any, revoked: set, **_: Any) -> None:
+        proc.forget_partitions({tp.partition for tp in revoked if tp.topic == config.topics["Step"]})
 
     @app.timer(config.tick_interval_s)
     async def tick() -> None:

@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     processor_flush_interval_s: float = Field(0.5, gt=0)
     processor_end_grace_s: float = Field(15.0, gt=0)
     processor_abort_timeout_s: float = Field(120.0, gt=0)
+    processor_chunk_steps: int = Field(64, ge=1)  # steps of one episode per changelog entry of the step store
 
     # RECAP rewards (computed by the processor at episode close)
     max_episode_steps: int = Field(150, ge=1, le=500, description="Episode cap; also the per-task return normaliser.")

@@ -6,6 +6,7 @@ import random
 import threading
 import time
 
+import pytest
 from confluent_kafka import Consumer, Producer
 
 from consumers.deadletter import HEADER_OFFSET, HEADER_TOPIC, parse_headers
@@ -54,10 +55,12 @@ def test_n_episodes_become_exactly_n_rows(kafka, topics, tmp_path) -> None:
         proc.stop()
 
 
-def test_sigkill_mid_stream_still_exactly_once(kafka, topics, tmp_path) -> None:
+@pytest.mark.parametrize("chunk_steps", [5, 64])
+def test_sigkill_mid_stream_still_exactly_once(kafka, topics, tmp_path, chunk_steps) -> None:
+    # small chunks: most held steps are in recovered changelog chunks at each kill; large: most are re-read
     lake = tmp_path / "lake"
     proc = ProcessorProcess(bootstrap=kafka.bootstrap, topics=topics, run_dir=tmp_path, lake=lake,
-                            group="sigkill-group").start()
+                            group=f"sigkill-group-{chunk_steps}", processor_chunk_steps=chunk_steps).start()
     cfg = LoadGenConfig(robots=6, hz=40, duration_s=25, seed=5, min_steps=20, max_steps=80, intervention_rate=0.4)
     result = {}
     publisher = threading.Thread(target=lambda: result.update(report=_publish(kafka, topics, cfg)))

@@ -114,3 +114,19 @@ def test_running_baseline_learns_per_task_returns() -> None:
     b.update("t", np.array([-0.2, -0.1, -0.1, 0.0]))
     assert np.allclose(b.values("t", 4), [-0.25, -0.25, -0.1, -0.1])
     assert np.allclose(b.values("other", 3), 0.0)
+
+
+def test_step_chunks_round_trip_in_arrival_order() -> None:
+    entries = [(3, 1_000_000_000_123, b"\x00" * 5), (0, 7, b"step zero"), (1, 8, b"")]
+    blob = assembly.pack_steps(entries)
+    assert assembly.unpack_steps(blob) == entries
+    assert assembly.unpack_steps(b"") == []
+    assert assembly.chunk_key("ep-1", 2) == b"ep-1#c2"
+
+
+def test_truncated_step_chunk_is_an_error_not_fewer_steps() -> None:
+    blob = assembly.pack_steps([(0, 1, b"abcdef"), (1, 2, b"ghij")])
+    with pytest.raises(ValueError, match="truncated"):
+        assembly.unpack_steps(blob[:-1])
+    with pytest.raises(ValueError, match="truncated"):
+        assembly.unpack_steps(blob[:20])
