@@ -6,9 +6,11 @@
 Agents (one per topic, co-partitioned by episode id):
 - ``sop.steps``: each step is held in memory with its episode (decoded, for the close) and written to the
   changelog-backed table ``episode-steps`` in chunks of consecutive arrivals (key ``<episode>#c<n>``):
-  every ``chunk_steps`` steps of an episode and at every tick. A step event is acknowledged once its
-  chunk is in the table, or once its episode is in Delta — so after a crash a step is either in a
-  recovered chunk or read again from Kafka (step indices make the replayed copy idempotent).
+  once ``chunk_steps`` steps of an episode wait, or at a tick once the oldest waiting step is
+  ``chunk_age_s`` old. A step event is acknowledged once its chunk is in the table, or once its episode
+  is in Delta — so after a crash a step is either in a recovered chunk or read again from Kafka (step
+  indices make the replayed copy idempotent). Episodes that end within ``chunk_age_s`` (a backlog being
+  caught up, short episodes) thus reach Delta without their steps ever being copied into the changelog.
 - ``sop.episodes``: STARTED/ENDED recorded in ``episode-meta``; an ENDED episode closes as soon as all
   the steps it announces are here.
 - ``sop.interventions``: one ``interventions`` row per event, and the takeover counted in the meta.
@@ -70,7 +72,8 @@ class ProcessorConfig:
     value_poll_s: float = 60.0
     compaction_min_small_files: int = 64
     compaction_interval_s: float = 900.0
-    chunk_steps: int = 64  # steps of one episode per changelog entry of the step store
+    chunk_steps: int = 256  # most steps of one episode held in memory only (then one changelog entry)
+    chunk_age_s: float = 5.0  # steps waiting longer go to the step store at the next tick
     metrics_file: Path | None = None
     session_timeout_s: float = 10.0
     # replay: topic -> partition -> first offset NOT to process (events from there on are skipped)
@@ -85,7 +88,7 @@ class ProcessorConfig:
             problems.append(f"partitions must be >= 1, got {self.partitions}")
         if self.chunk_steps < 1:
             problems.append(f"chunk_steps must be >= 1, got {self.chunk_steps}")
-        for name in ("flush_interval_s", "tick_interval_s", "end_grace_s", "abort_timeout_s"):
+        for name in ("flush_interval_s", "tick_interval_s", "end_grace_s", "abort_timeout_s", "chunk_age_s"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0")
         if problems:
@@ -118,6 +121,7 @@ class EpisodeBuffer:
     unchunked: list[tuple[int, int, bytes]] = field(default_factory=list)  # (index, offset, raw)
     events: list[Any] = field(default_factory=list)  # step events to acknowledge once their steps are safe
     chunks: int = 0  # chunks of this episode in the step store
+    waiting_since_s: float = 0.0  # arrival of the oldest step not in a chunk
 
     def ack(self) -> None:
         for event in self.events:
@@ -235,6 +239,8 @@ class Processor:
         msg = event.message
         buf = self.buffer(eid, meta["partition"])
         buf.records[step["step_index"]] = (msg.offset, step)
+        if not buf.unchunked:
+            buf.waiting_since_s = time.time()
         buf.unchunked.append((step["step_index"], msg.offset, msg.value))
         buf.events.append(event)
         if len(buf.unchunked) >= self.config.chunk_steps:
@@ -585,7 +591,9 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Processor]:
                 continue
             if eid in proc.closing:
                 continue
-            proc.write_chunk(eid)  # what arrived since the last chunk, so its events can be acknowledged
+            buf = proc.buffers.get(eid)
+            if buf is not None and buf.unchunked and now - buf.waiting_since_s >= cfg.chunk_age_s:
+                proc.write_chunk(eid)  # a long episode's steps become durable and their events acknowledged
             present = proc.present(eid, m)
             if assembly.is_complete(m, present):
                 proc.close(m, reason="complete")

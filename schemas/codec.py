@@ -278,8 +278,9 @@ def decode(data: bytes, *, validate_record: bool = True) -> tuple[str, dict[str,
     reader = reg.current[writer.name]
     buf = io.BytesIO(data)
     buf.seek(HEADER_SIZE)
-    try:
-        record = fastavro.schemaless_reader(buf, writer.parsed, reader.parsed)
+    try:  # no schema resolution when the writer's schema is the current one (a third faster)
+        record = fastavro.schemaless_reader(buf, writer.parsed,
+                                            None if reader.fingerprint == writer.fingerprint else reader.parsed)
     except Exception as exc:  # fastavro raises many types on garbage (EOFError, UnicodeDecodeError, IndexError...)
         raise CorruptMessageError(f"{writer.name} payload could not be read: {type(exc).__name__}: {exc}") from exc
     if buf.tell() != len(data):

@@ -55,7 +55,8 @@ class Settings(BaseSettings):
     processor_flush_interval_s: float = Field(0.5, gt=0)
     processor_end_grace_s: float = Field(15.0, gt=0)
     processor_abort_timeout_s: float = Field(120.0, gt=0)
-    processor_chunk_steps: int = Field(64, ge=1)  # steps of one episode per changelog entry of the step store
+    processor_chunk_steps: int = Field(256, ge=1)  # steps of one episode per changelog entry of the step store
+    processor_chunk_age_s: float = Field(5.0, gt=0)  # steps held in memory only for at most about this long
 
     # RECAP rewards (computed by the processor at episode close)
     max_episode_steps: int = Field(150, ge=1, le=500, description="Episode cap; also the per-task return normaliser.")

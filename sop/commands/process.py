@@ -30,6 +30,7 @@ def processor_config(settings: Settings, **overrides: object):  # noqa: ANN201 -
         group_id=settings.processor_group, datadir=settings.run_path / "processor",
         flush_interval_s=settings.processor_flush_interval_s, end_grace_s=settings.processor_end_grace_s,
         abort_timeout_s=settings.processor_abort_timeout_s, chunk_steps=settings.processor_chunk_steps,
+        chunk_age_s=settings.processor_chunk_age_s,
         tracking_uri=settings.tracking_uri,
         value_model_name=settings.value_model_name,
         reward=RewardConfig(max_episode_length=settings.max_episode_steps, c_fail=settings.recap_c_fail,

@@ -55,12 +55,13 @@ def test_n_episodes_become_exactly_n_rows(kafka, topics, tmp_path) -> None:
         proc.stop()
 
 
-@pytest.mark.parametrize("chunk_steps", [5, 64])
-def test_sigkill_mid_stream_still_exactly_once(kafka, topics, tmp_path, chunk_steps) -> None:
+@pytest.mark.parametrize(("chunk_steps", "chunk_age_s"), [(5, 0.5), (256, 5.0)])
+def test_sigkill_mid_stream_still_exactly_once(kafka, topics, tmp_path, chunk_steps, chunk_age_s) -> None:
     # small chunks: most held steps are in recovered changelog chunks at each kill; large: most are re-read
     lake = tmp_path / "lake"
     proc = ProcessorProcess(bootstrap=kafka.bootstrap, topics=topics, run_dir=tmp_path, lake=lake,
-                            group=f"sigkill-group-{chunk_steps}", processor_chunk_steps=chunk_steps).start()
+                            group=f"sigkill-group-{chunk_steps}", processor_chunk_steps=chunk_steps,
+                            processor_chunk_age_s=chunk_age_s).start()
     cfg = LoadGenConfig(robots=6, hz=40, duration_s=25, seed=5, min_steps=20, max_steps=80, intervention_rate=0.4)
     result = {}
     publisher = threading.Thread(target=lambda: result.update(report=_publish(kafka, topics, cfg)))
