@@ -6,6 +6,6 @@ the one module of ``learner`` this package imports, so that processor and learne
 by construction), the dead-letter path (:mod:`consumers.deadletter`) and a plain decoding consumer
 for tools and tests (:mod:`consumers.decoding`).
 
-    step, episode and intervention events ─▶ episode-meta / episode-steps tables (changelog-backed)
+    step, episode and intervention events ─▶ episode-meta / episode-steps tables (changelog-backed; steps in chunks)
           ENDED + all steps ─▶ close_episode() ─▶ pending rows ─▶ flush: ExactlyOnceWriter ×3 ─▶ ack
 """
