@@ -157,8 +157,10 @@ def main() -> None:
     ap.add_argument("--offline-steps", type=int, default=3000, help="Learner steps after collection (offline arm).")
     ap.add_argument("--tasks", nargs="+", default=None)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--base", type=Path, default=None,
+                    help="The prepared shared base (default: OUT/base), e.g. to add arms to an earlier experiment.")
     args = ap.parse_args()
-    base = (args.out / "base").resolve()
+    base = (args.base or args.out / "base").resolve()
     out = args.out.resolve()
     print(f"preparing the shared base in {base}")
     prepare(base, demos=args.demos, tasks=args.tasks)
@@ -168,8 +170,9 @@ def main() -> None:
     (out / f"{args.experiment}.json").write_text(json.dumps(results, indent=2, default=str))
     (out / f"{args.experiment}.md").write_text(md + "\n")
     print(md)
+    fleet_arg = f" --fleet {' '.join(map(str, args.fleet))}" if args.experiment == "fleet" else ""
     print(f"({(time.time() - t0) / 60:.0f} min) reproduce: .venv/bin/python -m benchmarks.loop {args.experiment} "
-          f"--minutes {args.minutes:g} --actors {args.actors} --eval-episodes {args.eval_episodes}")
+          f"--minutes {args.minutes:g} --actors {args.actors} --eval-episodes {args.eval_episodes}{fleet_arg}")
 
 
 if __name__ == "__main__":
