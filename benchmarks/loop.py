@@ -101,11 +101,18 @@ def methods(args: argparse.Namespace, base: Path, out: Path) -> dict:
 
 def fleet(args: argparse.Namespace, base: Path, out: Path) -> dict:
     results = {}
+    reused = dict(item.split("=", 1) for item in args.reuse)
     for n in args.fleet:
-        d = clone(base, out / f"fleet_{n}")
-        summary = run_arm(d, minutes=args.minutes, actors=n, extra=["--algorithm", "hg-dagger"], tasks=args.tasks)
+        if str(n) in reused:  # an arm already run with this many actors (e.g. the methods experiment's SOP arm)
+            d = Path(reused[str(n)]).resolve()
+            summary = json.loads((d / "last-run.json").read_text())["summary"]
+        else:
+            d = clone(base, out / f"fleet_{n}")
+            summary = run_arm(d, minutes=args.minutes, actors=n, extra=["--algorithm", "hg-dagger"], tasks=args.tasks)
         results[f"{n}_actors"] = {"time_to_0.8_min": summary.get("time_to_0.8_min"),
-                                  "final_rolling_success": summary.get("final_rolling_success"), "run": summary}
+                                  "final_rolling_success": summary.get("final_rolling_success"),
+                                  "episodes_per_hour": summary.get("episodes_per_hour"), "run_dir": str(d),
+                                  "run": summary}
     first = results.get(f"{args.fleet[0]}_actors", {}).get("time_to_0.8_min")
     for r in results.values():
         t = r["time_to_0.8_min"]
@@ -124,6 +131,61 @@ def sampler(args: argparse.Namespace, base: Path, out: Path) -> dict:
     return results
 
 
+def arm_dirs(experiment: str, results: dict, out: Path) -> dict[str, Path]:
+    if experiment == "fleet":
+        return {arm: Path(r["run_dir"]) for arm, r in results.items()}
+    prefix = "sampler_" if experiment == "sampler" else ""
+    return {arm: out / f"{prefix}{arm}" for arm in results if (out / f"{prefix}{arm}" / "last-run.json").exists()}
+
+
+def plot(experiment: str, results: dict, out: Path, *, window: int = 20) -> list[Path]:
+    """PNGs next to the tables: held-out success per task and arm (bars), and each arm's rolling online
+    success over wall-clock time, read back from the arm's Delta ``episodes`` table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from lakehouse import Lakehouse
+    from sop.report import curves, rolling
+
+    written = []
+    if experiment in ("methods", "sampler"):
+        arms = list(results)
+        tasks = sorted(next(iter(results.values()))["success"])
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        width = 0.8 / len(arms)
+        for i, arm in enumerate(arms):
+            ax.bar(np.arange(len(tasks)) + i * width, [results[arm]["success"][t] for t in tasks], width, label=arm)
+        ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, [t.removesuffix("-v3") for t in tasks])
+        ax.set(ylabel="success, held-out seeds (operator off)", ylim=(0, 1.05), title=f"{experiment}: success per task")
+        ax.axhline(0.9, ls="--", c="grey", lw=0.8)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(out / f"{experiment}.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for arm, d in arm_dirs(experiment, results, out).items():
+        lake = Lakehouse(str(d / "lake"))
+        if not lake.exists("episodes"):
+            continue
+        started = json.loads((d / "last-run.json").read_text())["started_at"]
+        c = curves(lake.table("episodes").to_pyarrow_table(), started_at_s=started)
+        c_window = window * max(1, len(set(c.task.tolist())))
+        ax.plot(c.t_min, rolling(c.success, c_window), label=arm)
+    ax.axhline(0.8, ls="--", c="grey", lw=0.8)
+    ax.set(xlabel="wall-clock time (min)", ylabel="online success (rolling, all tasks)", ylim=(-0.02, 1.02),
+           title=f"{experiment}: online success while learning (operator on)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(out / f"{experiment}_online.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    return written
+
+
 def table(experiment: str, results: dict) -> str:
     lines = []
     if experiment in ("methods", "sampler"):
@@ -137,11 +199,12 @@ def table(experiment: str, results: dict) -> str:
             cells = " | ".join(f"{s[t]:.2f}" for t in tasks)
             lines.append(f"| {arm} | {cells} | {sum(s.values()) / len(s):.2f} | {eph_text} |")
     else:
-        lines += ["| actors | time to 0.8 (min) | speed-up | final rolling success |", "|---|---|---|---|"]
+        lines += ["| actors | time to 0.8 (min) | speed-up | final rolling success | episodes/h |", "|---|---|---|---|---|"]
         for arm, r in results.items():
-            t = r["time_to_0.8_min"]
-            lines.append(f"| {arm} | {t:.1f} | {r['speedup']:.2f}x | {r['final_rolling_success']:.2f} |" if t else
-                         f"| {arm} | not reached | - | {r['final_rolling_success']:.2f} |")
+            t, eph = r["time_to_0.8_min"], r.get("episodes_per_hour")
+            tail = f"{r['final_rolling_success']:.2f} | {eph:.0f} |" if eph else f"{r['final_rolling_success']:.2f} | - |"
+            lines.append(f"| {arm} | {t:.1f} | {r['speedup']:.2f}x | {tail}" if t and r.get("speedup") else
+                         f"| {arm} | not reached | - | {tail}")
     return "\n".join(lines)
 
 
@@ -151,6 +214,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=30.0, help="Wall-clock budget of each arm's online phase.")
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--fleet", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--reuse", nargs="*", default=[], metavar="N=DIR",
+                    help="fleet: take the arm with N actors from an earlier run directory instead of running it.")
     ap.add_argument("--eval-episodes", type=int, default=50)
     ap.add_argument("--demos", type=int, default=None,
                     help="Demonstrations per task of the shared base (default: the calibrated counts per task).")
@@ -170,6 +235,8 @@ def main() -> None:
     (out / f"{args.experiment}.json").write_text(json.dumps(results, indent=2, default=str))
     (out / f"{args.experiment}.md").write_text(md + "\n")
     print(md)
+    for png in plot(args.experiment, results, out):
+        print(f"plot: {png}")
     fleet_arg = f" --fleet {' '.join(map(str, args.fleet))}" if args.experiment == "fleet" else ""
     print(f"({(time.time() - t0) / 60:.0f} min) reproduce: .venv/bin/python -m benchmarks.loop {args.experiment} "
           f"--minutes {args.minutes:g} --actors {args.actors} --eval-episodes {args.eval_episodes}{fleet_arg}")
