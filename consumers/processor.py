@@ -650,9 +650,20 @@ def _merge(first: Pending, then: Pending) -> Pending:
                    events_to_ack=first.events_to_ack + then.events_to_ack, finished=first.finished + then.finished)
 
 
+class _QuietFlushOverlap(logging.Filter):
+    """The flush timer overlapping itself only means a Delta commit took longer than the flush interval
+    (the next flush then takes a bigger batch): expected under load, and it flooded the logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        overlap = isinstance(record.msg, str) and record.msg.startswith("Timer %s is overlapping")
+        return not (overlap and bool(record.args) and "flush" in str(record.args[0]))
+
+
 def run_worker(app: faust.App, *, loglevel: str = "warning") -> None:
     """Run the faust worker in this process until SIGINT/SIGTERM."""
     from faust.worker import Worker
+
+    logging.getLogger("mode.timers").addFilter(_QuietFlushOverlap())
 
     worker = Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     # faust's terminal spinner lowers the root logger to DEBUG (so every aiokafka send builds a log record,
