@@ -70,6 +70,9 @@ def clone(base: Path, dst: Path) -> Path:
     return dst
 
 
+RESUME = False  # --resume: keep what earlier (interrupted) runs of the experiment left in --out
+
+
 def evaluate(run_dir: Path, *, episodes: int, tasks: list[str] | None) -> dict[str, float]:
     out = run_dir / "eval.json"
     t = ["--tasks", ",".join(tasks)] if tasks else []
@@ -84,18 +87,36 @@ def run_arm(run_dir: Path, *, minutes: float, actors: int, extra: list[str], tas
     return json.loads((run_dir / "last-run.json").read_text())["summary"]
 
 
+def done(run_dir: Path, file: str) -> bool:
+    """With --resume, a step whose output is already there is not run again."""
+    return RESUME and (run_dir / file).exists()
+
+
 def methods(args: argparse.Namespace, base: Path, out: Path) -> dict:
-    results = {"base": {"success": evaluate(base, episodes=args.eval_episodes, tasks=args.tasks)}}
+    if not done(base, "eval.json"):
+        evaluate(base, episodes=args.eval_episodes, tasks=args.tasks)
+    results = {"base": {"success": json.loads((base / "eval.json").read_text())["canonical"]}}
     for name, extra in (("sop_hg_dagger", ["--algorithm", "hg-dagger"]), ("sop_recap", ["--algorithm", "recap"])):
-        d = clone(base, out / name)
-        summary = run_arm(d, minutes=args.minutes, actors=args.actors, extra=extra, tasks=args.tasks)
-        results[name] = {"success": evaluate(d, episodes=args.eval_episodes, tasks=args.tasks),
+        d = out / name
+        if not done(d, "last-run.json"):
+            run_arm(clone(base, d), minutes=args.minutes, actors=args.actors, extra=extra, tasks=args.tasks)
+        if not done(d, "eval.json"):
+            evaluate(d, episodes=args.eval_episodes, tasks=args.tasks)
+        summary = json.loads((d / "last-run.json").read_text())["summary"]
+        results[name] = {"success": json.loads((d / "eval.json").read_text())["canonical"],
                          "episodes_per_hour": summary.get("episodes_per_hour"), "run": summary}
-    d = clone(base, out / "offline_iterations")
-    summary = run_arm(d, minutes=args.minutes, actors=args.actors, extra=["--no-learn"], tasks=args.tasks)
-    sop(["learn", "--algorithm", "hg-dagger", "--max-steps", str(args.offline_steps), "--quiet"], d)
-    results["offline_iterations"] = {"success": evaluate(d, episodes=args.eval_episodes, tasks=args.tasks),
-                                     "episodes_per_hour": summary.get("episodes_per_hour"), "run": summary}
+    d = out / "offline_iterations"
+    if not done(d, "last-run.json"):
+        run_arm(clone(base, d), minutes=args.minutes, actors=args.actors, extra=["--no-learn"], tasks=args.tasks)
+    # the same number of learner steps as the SOP + HG-DAgger arm took online (compute parity), unless given
+    steps = args.offline_steps or json.loads((out / "sop_hg_dagger" / "learner" / "status.json").read_text())["step"]
+    if not done(d, "eval.json"):
+        sop(["learn", "--algorithm", "hg-dagger", "--max-steps", str(steps), "--quiet"], d)
+        evaluate(d, episodes=args.eval_episodes, tasks=args.tasks)
+    summary = json.loads((d / "last-run.json").read_text())["summary"]
+    results["offline_iterations"] = {"success": json.loads((d / "eval.json").read_text())["canonical"],
+                                     "episodes_per_hour": summary.get("episodes_per_hour"),
+                                     "learner_steps": steps, "run": summary}
     return results
 
 
@@ -219,12 +240,17 @@ def main() -> None:
     ap.add_argument("--eval-episodes", type=int, default=50)
     ap.add_argument("--demos", type=int, default=None,
                     help="Demonstrations per task of the shared base (default: the calibrated counts per task).")
-    ap.add_argument("--offline-steps", type=int, default=3000, help="Learner steps after collection (offline arm).")
+    ap.add_argument("--offline-steps", type=int, default=None,
+                    help="Learner steps after collection (offline arm); default: as many as the SOP + HG-DAgger arm took.")
+    ap.add_argument("--resume", action="store_true",
+                    help="Keep arms and evaluations already in --out (an interrupted experiment goes on where it stopped).")
     ap.add_argument("--tasks", nargs="+", default=None)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--base", type=Path, default=None,
                     help="The prepared shared base (default: OUT/base), e.g. to add arms to an earlier experiment.")
     args = ap.parse_args()
+    global RESUME
+    RESUME = args.resume
     base = (args.base or args.out / "base").resolve()
     out = args.out.resolve()
     print(f"preparing the shared base in {base}")
