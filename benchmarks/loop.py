@@ -120,6 +120,29 @@ def methods(args: argparse.Namespace, base: Path, out: Path) -> dict:
     return results
 
 
+def success_over_time(run_dir: Path, *, checkpoints_min: list[float], episodes: int,
+                      tasks: list[str] | None) -> dict[float, float]:
+    """Held-out success (operator off) of the policy the fleet was running at each checkpoint: the newest
+    registered version created before ``start + t``. The online success (operator on) is no measure of
+    the policy alone — the operator's rescues keep even the frozen base near 0.8."""
+    from mlflow.tracking import MlflowClient
+
+    started = json.loads((run_dir / "last-run.json").read_text())["started_at"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    versions = sorted((v.creation_timestamp / 1000, v.version) for v in client.search_model_versions("name = 'sop-policy'"))
+    curve = {}
+    for t in checkpoints_min:
+        version = [v for created, v in versions if created <= started + t * 60][-1]
+        out = run_dir / f"eval-t{t:g}min-v{version}-{episodes}per-task.json"
+        if not out.exists():
+            sop(["eval", "--version", str(version), "--episodes-per-task", str(episodes), "--no-paraphrases",
+                 "-o", str(out), *(["--tasks", ",".join(tasks)] if tasks else [])], run_dir)
+        success = json.loads(out.read_text())["canonical"]
+        curve[t] = sum(success.values()) / len(success)
+        print(f"    t={t:g} min: v{version} held-out success {curve[t]:.2f}", flush=True)
+    return curve
+
+
 def fleet(args: argparse.Namespace, base: Path, out: Path) -> dict:
     results = {}
     reused = dict(item.split("=", 1) for item in args.reuse)
@@ -130,7 +153,12 @@ def fleet(args: argparse.Namespace, base: Path, out: Path) -> dict:
         else:
             d = clone(base, out / f"fleet_{n}")
             summary = run_arm(d, minutes=args.minutes, actors=n, extra=["--algorithm", "hg-dagger"], tasks=args.tasks)
-        results[f"{n}_actors"] = {"time_to_0.8_min": summary.get("time_to_0.8_min"),
+        checkpoints = [args.checkpoint_min * (k + 1) for k in range(int(args.minutes // args.checkpoint_min))]
+        curve = success_over_time(d, checkpoints_min=checkpoints, episodes=args.checkpoint_episodes, tasks=args.tasks)
+        reached = [t for t, v in curve.items() if v >= 0.8]
+        results[f"{n}_actors"] = {"time_to_0.8_min": reached[0] if reached else None,
+                                  "held_out_success_over_time": curve,
+                                  "online_time_to_0.8_min": summary.get("time_to_0.8_min"),
                                   "final_rolling_success": summary.get("final_rolling_success"),
                                   "episodes_per_hour": summary.get("episodes_per_hour"), "run_dir": str(d),
                                   "run": summary}
@@ -220,12 +248,16 @@ def table(experiment: str, results: dict) -> str:
             cells = " | ".join(f"{s[t]:.2f}" for t in tasks)
             lines.append(f"| {arm} | {cells} | {sum(s.values()) / len(s):.2f} | {eph_text} |")
     else:
-        lines += ["| actors | time to 0.8 (min) | speed-up | final rolling success | episodes/h |", "|---|---|---|---|---|"]
+        checkpoints = list(next(iter(results.values()))["held_out_success_over_time"])
+        lines += ["| actors | " + " | ".join(f"held-out @ {t:g} min" for t in checkpoints)
+                  + " | time to 0.8 (min) | speed-up | online time to 0.8 (operator on) | episodes/h |",
+                  "|---" * (len(checkpoints) + 5) + "|"]
         for arm, r in results.items():
-            t, eph = r["time_to_0.8_min"], r.get("episodes_per_hour")
-            tail = f"{r['final_rolling_success']:.2f} | {eph:.0f} |" if eph else f"{r['final_rolling_success']:.2f} | - |"
-            lines.append(f"| {arm} | {t:.1f} | {r['speedup']:.2f}x | {tail}" if t and r.get("speedup") else
-                         f"| {arm} | not reached | - | {tail}")
+            t, eph, online = r["time_to_0.8_min"], r.get("episodes_per_hour"), r.get("online_time_to_0.8_min")
+            curve = " | ".join(f"{r['held_out_success_over_time'][c]:.2f}" for c in checkpoints)
+            speed = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
+            lines.append(f"| {arm} | {curve} | {f'≤ {t:g}' if t else 'not reached'} | {speed} | "
+                         f"{f'{online:.1f}' if online else '-'} | {f'{eph:.0f}' if eph else '-'} |")
     return "\n".join(lines)
 
 
@@ -235,6 +267,9 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=30.0, help="Wall-clock budget of each arm's online phase.")
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--fleet", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--checkpoint-min", type=float, default=3.0,
+                    help="fleet: evaluate the running policy on held-out seeds every this many minutes of each arm.")
+    ap.add_argument("--checkpoint-episodes", type=int, default=10, help="fleet: episodes per task per checkpoint.")
     ap.add_argument("--reuse", nargs="*", default=[], metavar="N=DIR",
                     help="fleet: take the arm with N actors from an earlier run directory instead of running it.")
     ap.add_argument("--eval-episodes", type=int, default=50)
