@@ -162,8 +162,12 @@ def fleet(args: argparse.Namespace, base: Path, out: Path) -> dict:
                                   "final_rolling_success": summary.get("final_rolling_success"),
                                   "episodes_per_hour": summary.get("episodes_per_hour"), "run_dir": str(d),
                                   "run": summary}
+    base_eval = base / "eval.json"
     first = results.get(f"{args.fleet[0]}_actors", {}).get("time_to_0.8_min")
     for r in results.values():
+        if base_eval.exists():
+            base_success = json.loads(base_eval.read_text())["canonical"]
+            r["base_success"] = sum(base_success.values()) / len(base_success)
         t = r["time_to_0.8_min"]
         r["speedup"] = first / t if first and t else None
     return results
@@ -213,6 +217,19 @@ def plot(experiment: str, results: dict, out: Path, *, window: int = 20) -> list
         ax.legend(fontsize=8)
         fig.tight_layout()
         written.append(out / f"{experiment}.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    if experiment == "fleet":
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        for arm, r in results.items():
+            curve = {float(t): v for t, v in r["held_out_success_over_time"].items()}
+            ax.plot([0, *curve], [r.get("base_success", np.nan), *curve.values()], marker="o", label=arm)
+        ax.axhline(0.8, ls="--", c="grey", lw=0.8)
+        ax.set(xlabel="wall-clock time (min)", ylabel="held-out success of the running version", ylim=(0, 1.02),
+               title="fleet: success of the policy the fleet ran (operator off)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(out / "fleet.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(9, 4.5))
