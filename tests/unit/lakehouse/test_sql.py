@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -100,19 +101,22 @@ def test_a_missing_table_error_names_the_existing_ones(lake: Lakehouse, episode_
 def test_time_travel_by_version_and_timestamp(lake: Lakehouse, episode_of: Any, steps_of: Any) -> None:
     writer = lake.writer("episodes", app_id_prefix="g")
     writer.write([episode_of("a", offset=0)], offsets={0: 0})
-    time.sleep(0.01)  # distinct commit timestamps (milliseconds), not a timing assertion
+    # commits well apart, so "as of" a time between them is unambiguous even on a loaded machine (a commit's
+    # recorded timestamp and its log file's modification time can differ by milliseconds); not a timing test
+    time.sleep(0.6)
     writer.write([episode_of("b", offset=1)], offsets={0: 1})
     commits = history(lake.table("episodes"))
     first = commits[1]
-    time.sleep(0.01)
+    between = first.timestamp + timedelta(seconds=0.3)
+    time.sleep(0.6)
     lake.writer("steps", app_id_prefix="g").write(steps_of(n=1), offsets={0: 0})
 
     count = "SELECT count(*) AS n FROM episodes"
     assert query(lake, count).column("n").to_pylist() == [2]
     assert query(lake, count, versions={"episodes": first.version}).column("n").to_pylist() == [1]
-    assert query(lake, count, as_of=first.timestamp).column("n").to_pylist() == [1]
+    assert query(lake, count, as_of=between).column("n").to_pylist() == [1]
     with pytest.raises(TableNotFoundError, match="'steps'"):  # steps did not exist yet then
-        query(lake, "SELECT count(*) FROM steps", as_of=first.timestamp.isoformat())
+        query(lake, "SELECT count(*) FROM steps", as_of=between.isoformat())
 
 
 def test_results_write_to_csv_json_and_parquet(filled: Lakehouse, tmp_path: Path) -> None:
