@@ -182,7 +182,6 @@ class Processor:
         self.scanned: set[int] = set()
         self.presence: dict[str, assembly.Presence] = {}
         self.buffers: dict[str, EpisodeBuffer] = {}
-        self.partition_of: dict[str, int] = {}  # episode -> partition, for what memory holds of it
         self.baseline = RunningBaseline(buckets=config.reward.baseline_buckets,
                                         max_episode_length=config.reward.max_episode_length)
         self.values = RegistryValueSource(tracking_uri=config.tracking_uri, name=config.value_model_name,
@@ -231,7 +230,6 @@ class Processor:
             buf.chunks = max(buf.chunks, n)
             found.indices.update(buf.records)
             self.presence[eid] = found
-            self.partition_of[eid] = meta["partition"]
         return found
 
     def hold_step(self, eid: str, meta: dict, step: dict, event: Any) -> None:
