@@ -1,4 +1,4 @@
-"""The live view of a running loop: what a fleet operator watches (``sop run``, ``sop status --watch``).
+"""The live view of a running loop: what a fleet operator watches during ``sop run``.
 
 ``gather`` reads the same sources anyone could query — the Delta ``episodes`` table, the processor's
 and learner's status files, the consumer group's committed offsets — so the view never depends on
@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,7 +23,7 @@ from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
 
-from lakehouse import Lakehouse, query
+from lakehouse import Lakehouse
 from sop.settings import Settings
 
 
@@ -40,24 +43,29 @@ class LiveState:
     notes: list[str] = field(default_factory=list)
 
 
-def kafka_lag(settings: Settings, group: str) -> int | None:
-    """Messages of the source topics not yet committed by the processor's consumer group."""
+def partition_lag(bootstrap: str, group: str, settings: Settings) -> dict[str, dict[int, int]]:
+    """topic -> partition -> messages of the source topics not yet committed by ``group``."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+                         **settings.kafka_client_config})
     try:
-        c = Consumer({"bootstrap.servers": settings.bootstrap(), "group.id": group, "enable.auto.commit": False,
-                      **settings.kafka_client_config})
-        try:
-            tps = []
-            for name in ("Step", "EpisodeEvent", "InterventionEvent"):
-                topic = settings.topics[name]
-                md = c.list_topics(topic, timeout=5).topics[topic]
-                tps += [TopicPartition(topic, p) for p in md.partitions]
-            lag = 0
-            for tp in c.committed(tps, timeout=5):
-                hi = c.get_watermark_offsets(tp, timeout=5, cached=False)[1]
-                lag += hi - (tp.offset if tp.offset >= 0 else c.get_watermark_offsets(tp, timeout=5)[0])
-            return lag
-        finally:
-            c.close()
+        out: dict[str, dict[int, int]] = {}
+        for name in ("Step", "EpisodeEvent", "InterventionEvent"):
+            topic = settings.topics[name]
+            md = consumer.list_topics(topic, timeout=5).topics[topic]
+            tps = [TopicPartition(topic, p) for p in md.partitions]
+            for tp in consumer.committed(tps, timeout=5):
+                lo, hi = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+                out.setdefault(topic, {})[tp.partition] = hi - (tp.offset if tp.offset >= 0 else lo)
+        return out
+    finally:
+        consumer.close()
+
+
+def kafka_lag(settings: Settings, group: str) -> int | None:
+    """Messages of the source topics not yet committed by the processor's consumer group (None: no answer)."""
+    try:
+        return sum(lag for partitions in partition_lag(settings.bootstrap(), group, settings).values()
+                   for lag in partitions.values())
     except Exception:
         return None
 
@@ -69,38 +77,63 @@ def _json(path: Path) -> dict:
         return {}
 
 
+EPISODE_COLUMNS = ("task", "outcome", "end_time", "num_interventions", "policy_version", "actor_id")
+
+
+def episodes_since(lake: Lakehouse, started_at_s: float, *, columns: tuple[str, ...] | None = EPISODE_COLUMNS
+                   ) -> pa.Table | None:
+    """The ``episodes`` rows that ended at or after ``started_at_s`` (None before the table exists).
+
+    Read straight from the table's Arrow dataset, not through SQL: the view polls every few seconds and one
+    small table is all it needs.
+    """
+    if not lake.exists("episodes"):
+        return None
+    dataset = lake.table("episodes", create=False).to_pyarrow_dataset()
+    since = pa.scalar(datetime.fromtimestamp(started_at_s, UTC), dataset.schema.field("end_time").type)
+    return dataset.to_table(columns=list(columns) if columns else None, filter=pc.field("end_time") >= since)
+
+
+def episode_stats(episodes: pa.Table, *, now_s: float, elapsed_s: float, window: int = 20) -> dict:
+    """What the view shows of the episodes closed since the start: per task (success overall and over the
+    last ``window`` episodes, takeover rate), per policy version (newest 8), per actor (the version of its
+    latest episode), totals, and episodes per hour over the last 10 minutes."""
+    rows = sorted(episodes.select(list(EPISODE_COLUMNS)).to_pylist(), key=lambda r: r["end_time"])
+
+    def success(rs: list[dict]) -> float | None:
+        return sum(r["outcome"] == "SUCCESS" for r in rs) / len(rs) if rs else None
+
+    def takeovers(rs: list[dict]) -> float | None:
+        return sum(r["num_interventions"] > 0 for r in rs) / len(rs) if rs else None
+
+    by: dict[str, dict[str, list[dict]]] = {"task": {}, "policy_version": {}, "actor_id": {}}
+    for r in rows:
+        for key, groups in by.items():
+            groups.setdefault(r[key], []).append(r)
+    per_task = [{"task": task, "episodes": len(rs), "success_all": success(rs), "success_recent": success(rs[-window:]),
+                 "takeover_rate": takeovers(rs)} for task, rs in sorted(by["task"].items())]
+    newest_versions = sorted(by["policy_version"].items(), key=lambda kv: kv[1][-1]["end_time"], reverse=True)[:8]
+    per_version = [{"policy_version": v, "episodes": len(rs), "success": success(rs)} for v, rs in newest_versions]
+    actors = [{"actor_id": a, "version": rs[-1]["policy_version"], "episodes": len(rs)}
+              for a, rs in sorted(by["actor_id"].items())]
+    last10 = sum(r["end_time"].timestamp() >= now_s - 600 for r in rows)
+    span = min(600.0, elapsed_s)
+    return {"per_task": per_task, "per_version": per_version, "actors": actors, "episodes": len(rows),
+            "intervention_rate": takeovers(rows), "episodes_per_hour": last10 * 3600 / span if span > 30 else None}
+
+
 def gather(settings: Settings, *, started_at_s: float, window: int = 20,
            learner_status: Path | None = None) -> LiveState:
-    st = LiveState(elapsed_s=time.time() - started_at_s)
+    now = time.time()
+    st = LiveState(elapsed_s=now - started_at_s)
     lake = Lakehouse(settings.lake_root, storage_options=settings.lake_storage_options or None)
-    since = f"epoch_us(end_time) >= {int(started_at_s * 1e6)}"
-    if lake.exists("episodes"):
-        try:
-            st.per_task = query(lake, f"""
-                SELECT task, count(*) AS episodes,
-                       avg(CASE WHEN outcome = 'SUCCESS' THEN 1.0 ELSE 0.0 END) AS success_all,
-                       (SELECT avg(CASE WHEN outcome = 'SUCCESS' THEN 1.0 ELSE 0.0 END) FROM (
-                           SELECT outcome FROM episodes e2 WHERE e2.task = e.task AND {since}
-                           ORDER BY end_time DESC LIMIT {window})) AS success_recent,
-                       avg(CASE WHEN num_interventions > 0 THEN 1.0 ELSE 0.0 END) AS takeover_rate
-                FROM episodes e WHERE {since} GROUP BY task ORDER BY task""").to_pylist()
-            st.per_version = query(lake, f"""
-                SELECT policy_version, count(*) AS episodes,
-                       avg(CASE WHEN outcome = 'SUCCESS' THEN 1.0 ELSE 0.0 END) AS success
-                FROM episodes WHERE {since} GROUP BY 1 ORDER BY max(end_time) DESC LIMIT 8""").to_pylist()
-            st.actors = query(lake, f"""
-                SELECT actor_id, arg_max(policy_version, end_time) AS version, count(*) AS episodes
-                FROM episodes WHERE {since} GROUP BY 1 ORDER BY 1""").to_pylist()
-            totals = query(lake, f"""
-                SELECT count(*) AS n, avg(CASE WHEN num_interventions > 0 THEN 1.0 ELSE 0.0 END) AS takeovers,
-                       count(*) FILTER (WHERE epoch_us(end_time) >= {int((time.time() - 600) * 1e6)}) AS last10
-                FROM episodes WHERE {since}""").to_pylist()[0]
-            st.episodes = totals["n"]
-            st.intervention_rate = totals["takeovers"]
-            span = min(600.0, st.elapsed_s)
-            st.episodes_per_hour = totals["last10"] * 3600 / span if span > 30 else None
-        except Exception as exc:  # the view must keep drawing while tables are being created
-            st.notes.append(f"episodes: {exc}")
+    try:
+        episodes = episodes_since(lake, started_at_s)
+        if episodes is not None:
+            for key, value in episode_stats(episodes, now_s=now, elapsed_s=st.elapsed_s, window=window).items():
+                setattr(st, key, value)
+    except Exception as exc:  # the view must keep drawing while tables are being created
+        st.notes.append(f"episodes: {exc}")
     if lake.exists("steps"):
         with contextlib.suppress(Exception):
             actions = pa.table(lake.table("steps", create=False).get_add_actions(flatten=True))
@@ -109,6 +142,50 @@ def gather(settings: Settings, *, started_at_s: float, window: int = 20,
         st.learner = _json(learner_status)
     st.lag = kafka_lag(settings, settings.processor_group)
     return st
+
+
+class LiveFeed:
+    """``read()`` over and over on a daemon thread; the caller takes the newest state without waiting.
+
+    The loop's stop conditions (duration, Ctrl-C, SIGTERM) must stay on time whatever a read does: with
+    every core busy simulating, one read of the tables can take many seconds, and a read blocked inside
+    native code cannot even be interrupted by Ctrl-C.
+    """
+
+    def __init__(self, read: Callable[[], LiveState], *, every_s: float = 2.0) -> None:
+        self._read, self.every_s = read, every_s
+        self._latest: LiveState | None = None
+        self._read_at = time.time()
+        self._error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sop-live-feed", daemon=True)
+
+    def start(self) -> LiveFeed:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._latest, self._error = self._read(), None
+            except Exception as exc:  # noqa: BLE001 - shown in the view, the next read tries again
+                self._error = f"{type(exc).__name__}: {exc}"
+            self._read_at = time.time()
+            self._stop.wait(self.every_s)
+
+    def latest(self, *, elapsed_s: float) -> LiveState:
+        """The newest state (an empty one before the first read ends), with a note when it is stale."""
+        state = replace(self._latest) if self._latest is not None else LiveState()
+        state.elapsed_s, state.notes = elapsed_s, list(state.notes)
+        age = time.time() - self._read_at
+        if self._error:
+            state.notes.append(f"last read failed: {self._error}")
+        if age > max(10.0, 5 * self.every_s):
+            state.notes.append(f"reading the tables is slow: the figures are {age:.0f} s old")
+        return state
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 def _pct(x: float | None) -> str:
@@ -137,10 +214,12 @@ def render(st: LiveState, *, title: str = "SOP — closed loop") -> Panel:
     loss = lrn.get("loss")
     loss_text = f"{loss:.4f}" if isinstance(loss, int | float) else "-"
     eph = f"{st.episodes_per_hour:.0f}" if st.episodes_per_hour else "-"
+    rate = lrn.get("samples_per_s")
+    rate_text = f"{rate:.0f}" if isinstance(rate, int | float) else "-"
     head = (f"elapsed {st.elapsed_s / 60:5.1f} min · episodes {st.episodes} · {eph} episodes/h · "
             f"takeover rate {_pct(st.intervention_rate)} · Delta step rows {st.steps_rows:,} · "
             f"Kafka lag {st.lag if st.lag is not None else '-'}\n"
             f"learner step {lrn.get('step', '-')} · loss {loss_text} · "
-            f"last registered version {lrn.get('last_version', '-')} · samples/s {lrn.get('samples_per_s', '-')}")
+            f"last registered version {lrn.get('last_version', '-')} · samples/s {rate_text}")
     parts = [head, tasks, versions, actors, *st.notes[-2:]]
     return Panel(Group(*parts), title=title)

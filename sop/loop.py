@@ -22,7 +22,7 @@ from rich.live import Live
 
 from lakehouse import Lakehouse, query
 from sop import stack
-from sop.live import gather, kafka_lag, render
+from sop.live import LiveFeed, episodes_since, gather, kafka_lag, render
 from sop.processes import SopProcess
 from sop.report import write_report
 from sop.settings import Settings
@@ -81,6 +81,16 @@ def _demo_rows(settings: Settings) -> int:
     return int(query(lake, "SELECT count(*) FROM demonstrations").column(0)[0].as_py())
 
 
+def stop_together(children: list[SopProcess], *, timeout_s: float) -> None:
+    """SIGTERM to all at once, then SIGKILL to those still running after ``timeout_s`` (for all, not each)."""
+    for child in children:
+        if child.running:
+            child.proc.send_signal(signal.SIGTERM)
+    deadline = time.time() + timeout_s
+    for child in children:
+        child.stop(timeout_s=max(0.1, deadline - time.time()))
+
+
 class ClosedLoop:
     def __init__(self, settings: Settings, config: LoopConfig, *, console: Console | None = None) -> None:
         self.settings, self.config = settings, config
@@ -93,13 +103,17 @@ class ClosedLoop:
     # -- steps -----------------------------------------------------------------------------------
     def _child(self, name: str, args: list[str], *, settings: dict | None = None) -> SopProcess:
         env = {"SOP_RUN_DIR": str(self.settings.run_path), **self.config.extra_env}
-        return SopProcess(args, env=env, settings=settings, log=self.logs / f"{name}.log")
+        return SopProcess(args, env=env, settings=settings, log=self.logs / f"{name}.log", own_session=True)
 
     def _run_to_end(self, name: str, args: list[str]) -> None:
         child = self._child(name, args).start()
-        with self.console.status(f"{name}: `sop {' '.join(args)}` (log: {child.log})"):
-            while child.running:
-                time.sleep(0.5)
+        try:
+            with self.console.status(f"{name}: `sop {' '.join(args)}` (log: {child.log})"):
+                while child.running:
+                    time.sleep(0.5)
+        except BaseException:  # Ctrl-C: the child is in its own session and did not see it
+            child.stop(timeout_s=30)
+            raise
         if child.proc.returncode != 0:
             raise RuntimeError(f"`sop {' '.join(args)}` failed with {child.proc.returncode}:\n{child.tail()}")
 
@@ -160,30 +174,29 @@ class ClosedLoop:
         learner_status = self.settings.run_path / "learner" / "status.json"
         interrupted = []
         previous = signal.signal(signal.SIGTERM, lambda *_: interrupted.append(1))
+        feed = LiveFeed(lambda: gather(self.settings, started_at_s=self.started_at, learner_status=learner_status),
+                        every_s=self.config.refresh_s).start()
         try:
             with Live(console=self.console, refresh_per_second=1, transient=False) as live:
                 while not interrupted:
-                    state = gather(self.settings, started_at_s=self.started_at, learner_status=learner_status)
+                    state = feed.latest(elapsed_s=time.time() - self.started_at)
                     live.update(render(state, title=f"SOP — {self.config.algorithm}, {self.config.actors} actors"))
                     if self.done(state):
                         break
-                    time.sleep(self.config.refresh_s)
+                    time.sleep(min(1.0, self.config.refresh_s))
                 else:
                     self.stop_reason = "stopped by SIGTERM"
         except KeyboardInterrupt:
             self.stop_reason = "stopped by Ctrl-C"
         finally:
+            feed.close()
             signal.signal(signal.SIGTERM, previous)
 
     def shutdown(self) -> None:
         """Actors first (their open episode ends ABORTED, publishers flush), then let the processor drain."""
         with self.console.status("stopping actors…"):
-            for name, child in self.children.items():
-                if name.startswith("actor-") and child.running:
-                    child.proc.send_signal(signal.SIGTERM)
-            for name, child in self.children.items():
-                if name.startswith("actor-"):
-                    child.stop(timeout_s=60)
+            stop_together([child for name, child in self.children.items() if name.startswith("actor-")],
+                          timeout_s=60)
         with self.console.status("processor: draining what the actors published…"):
             deadline = time.time() + 90
             while time.time() < deadline and self.children["processor"].running:
@@ -199,9 +212,7 @@ class ClosedLoop:
 
     def report(self) -> dict:
         lake = Lakehouse(self.settings.lake_root, storage_options=self.settings.lake_storage_options or None)
-        since = int(self.started_at * 1e6)
-        episodes = query(lake, f"SELECT * FROM episodes WHERE epoch_us(end_time) >= {since}") \
-            if lake.exists("episodes") else None
+        episodes = episodes_since(lake, self.started_at, columns=None)
         stamp = datetime.fromtimestamp(self.started_at, UTC).strftime("%Y%m%d-%H%M%S")
         out = self.config.report_dir or self.settings.run_path / "reports" / stamp
         if episodes is None or episodes.num_rows == 0:
@@ -243,7 +254,12 @@ class ClosedLoop:
             self.watch()
         finally:
             if self.children:
-                self.shutdown()
+                try:
+                    self.shutdown()
+                except KeyboardInterrupt:  # a second Ctrl-C: no drain, every part is stopped now
+                    self.console.print("[red]second Ctrl-C: stopping every part without draining[/]")
+                    stop_together(list(self.children.values()), timeout_s=10)
+                    raise
         summary = self.report()
         if not self.config.keep_stack:
             stack.down(self.settings)

@@ -13,8 +13,11 @@ class SopProcess:
     """``python -m sop <args>`` with ``SOP_…`` settings in its environment; stoppable and killable."""
 
     def __init__(self, args: list[str], *, env: dict[str, str] | None = None, log: Path | None = None,
-                 settings: dict[str, object] | None = None) -> None:
+                 settings: dict[str, object] | None = None, own_session: bool = False) -> None:
+        """``own_session``: out of the terminal's process group, so that Ctrl-C reaches only the parent,
+        which then stops its children in order (actors, drain, learner and processor)."""
         self.args = args
+        self.own_session = own_session
         self.env = {**os.environ, **(env or {})}
         self.env.update({f"SOP_{k.upper()}": str(v) for k, v in (settings or {}).items()})
         self.log = log
@@ -26,7 +29,7 @@ class SopProcess:
             self.log.parent.mkdir(parents=True, exist_ok=True)
             out = open(self.log, "ab")  # noqa: SIM115 - the child writes to it for its whole life
         self.proc = subprocess.Popen([sys.executable, "-m", "sop", *self.args], env=self.env, stdout=out,
-                                     stderr=subprocess.STDOUT)
+                                     stderr=subprocess.STDOUT, start_new_session=self.own_session)
         if out is not subprocess.DEVNULL:
             out.close()
         return self

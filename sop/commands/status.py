@@ -10,6 +10,7 @@ from confluent_kafka import Consumer, TopicPartition
 from rich.console import Console
 from rich.table import Table
 
+from sop.live import partition_lag
 from sop.settings import SettingsError, load_settings
 from sop.stack import local_kafka, local_mlflow
 
@@ -28,24 +29,6 @@ def topic_sizes(bootstrap: str, topics: list[str], client_config: dict) -> dict[
                 lo, hi = consumer.get_watermark_offsets(TopicPartition(t, p), timeout=5)
                 total += hi - lo
             out[t] = (len(md[t].partitions), total)
-        return out
-    finally:
-        consumer.close()
-
-
-def partition_lag(bootstrap: str, group: str, settings) -> dict[str, dict[int, int]]:  # noqa: ANN001
-    """topic -> partition -> messages not yet committed by ``group``."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
-                         **settings.kafka_client_config})
-    try:
-        out: dict[str, dict[int, int]] = {}
-        for name in ("Step", "EpisodeEvent", "InterventionEvent"):
-            topic = settings.topics[name]
-            md = consumer.list_topics(topic, timeout=5).topics[topic]
-            tps = [TopicPartition(topic, p) for p in md.partitions]
-            for tp in consumer.committed(tps, timeout=5):
-                lo, hi = consumer.get_watermark_offsets(tp, timeout=5)
-                out.setdefault(topic, {})[tp.partition] = hi - (tp.offset if tp.offset >= 0 else lo)
         return out
     finally:
         consumer.close()
