@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from sop.processes import exit_with_parent
 from sop.settings import SettingsError
 
 # verb -> module in sop.commands (each defines a click command called `command`)
@@ -50,6 +51,7 @@ def cli() -> None:
 
 
 def main() -> None:
+    exit_with_parent()
     try:
         cli(standalone_mode=False)
     except SettingsError as exc:

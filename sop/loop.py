@@ -171,26 +171,29 @@ class ClosedLoop:
         return False
 
     def watch(self) -> None:
+        """Until a stop condition. Ctrl-C and SIGTERM only set a flag that the loop checks every second: an
+        exception raised wherever the signal lands (inside the live view's lock, say) could stop the loop
+        half-way and leave the shutdown stuck."""
         learner_status = self.settings.run_path / "learner" / "status.json"
-        interrupted = []
-        previous = signal.signal(signal.SIGTERM, lambda *_: interrupted.append(1))
+        signals: list[int] = []
+        previous = {sig: signal.signal(sig, lambda signum, _frame: signals.append(signum))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
         feed = LiveFeed(lambda: gather(self.settings, started_at_s=self.started_at, learner_status=learner_status),
                         every_s=self.config.refresh_s).start()
         try:
             with Live(console=self.console, refresh_per_second=1, transient=False) as live:
-                while not interrupted:
+                while not signals:
                     state = feed.latest(elapsed_s=time.time() - self.started_at)
                     live.update(render(state, title=f"SOP — {self.config.algorithm}, {self.config.actors} actors"))
                     if self.done(state):
                         break
                     time.sleep(min(1.0, self.config.refresh_s))
-                else:
-                    self.stop_reason = "stopped by SIGTERM"
-        except KeyboardInterrupt:
-            self.stop_reason = "stopped by Ctrl-C"
+            if signals:
+                self.stop_reason = "stopped by Ctrl-C" if signals[0] == signal.SIGINT else "stopped by SIGTERM"
         finally:
             feed.close()
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def shutdown(self) -> None:
         """Actors first (their open episode ends ABORTED, publishers flush), then let the processor drain."""

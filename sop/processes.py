@@ -6,7 +6,30 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+
+PARENT_PID_ENV = "SOP_PARENT_PID"  # set for children in their own session: they stop when that parent is gone
+
+
+def exit_with_parent(*, poll_s: float = 1.0) -> None:
+    """In a child started with ``own_session``: SIGTERM ourselves (a clean stop) once the parent is gone.
+
+    Its own session keeps a terminal's Ctrl-C away from the child, but also a dying parent's: without this a
+    parent killed with SIGKILL would leave actors, learner and processor running. The variable is removed so
+    that our own children do not watch our parent.
+    """
+    parent = os.environ.pop(PARENT_PID_ENV, None)
+    if not parent:
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="sop-exit-with-parent", daemon=True).start()
 
 
 class SopProcess:
@@ -18,6 +41,8 @@ class SopProcess:
         which then stops its children in order (actors, drain, learner and processor)."""
         self.args = args
         self.own_session = own_session
+        if own_session:
+            env = {**(env or {}), PARENT_PID_ENV: str(os.getpid())}
         self.env = {**os.environ, **(env or {})}
         self.env.update({f"SOP_{k.upper()}": str(v) for k, v in (settings or {}).items()})
         self.log = log
