@@ -2,13 +2,13 @@
 
     .venv/bin/python -m benchmarks.loop methods --minutes 30 --eval-episodes 50
     .venv/bin/python -m benchmarks.loop fleet   --minutes 30 --fleet 1 2 4
-    .venv/bin/python -m benchmarks.loop sampler --minutes 30
+    .venv/bin/python -m benchmarks.loop sampler --minutes 30 --checkpoint-min 10 --alphas 2 20
 
 methods  base policy, SOP + HG-DAgger, SOP + RECAP, and offline iterations (the same actors, operator and
          wall-clock budget collecting with the frozen base policy, then the same learner trained on what was
          collected): success per task on held-out seeds and episodes per hour.
 fleet    SOP + HG-DAgger with 1, 2 and 4 actors: time until the rolling success reaches 0.8, speed-up.
-sampler  the adaptive online/offline mix against a fixed 50/50 mix.
+sampler  the adaptive online/offline mix (one arm per --alphas) against a fixed 50/50 mix.
 
 Every arm runs `sop run` in its own run directory (own Kafka broker, Delta tables and MLflow registry)
 cloned from one prepared base directory, one arm after the other; results go to ``--out`` as JSON,
@@ -80,9 +80,10 @@ def evaluate(run_dir: Path, *, episodes: int, tasks: list[str] | None) -> dict[s
     return json.loads(out.read_text())["canonical"]
 
 
-def run_arm(run_dir: Path, *, minutes: float, actors: int, extra: list[str], tasks: list[str] | None) -> dict:
+def run_arm(run_dir: Path, *, minutes: float, actors: int, extra: list[str], tasks: list[str] | None,
+            env: dict[str, str] | None = None) -> dict:
     t = ["--tasks", ",".join(tasks)] if tasks else []
-    sop(["run", "--minutes", str(minutes), "--actors", str(actors), *t, *extra], run_dir,
+    sop(["run", "--minutes", str(minutes), "--actors", str(actors), *t, *extra], run_dir, env=env,
         timeout=minutes * 60 + 1800)
     return json.loads((run_dir / "last-run.json").read_text())["summary"]
 
@@ -173,22 +174,56 @@ def fleet(args: argparse.Namespace, base: Path, out: Path) -> dict:
     return results
 
 
+def sampler_arms(alphas: list[float]) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """Arm name -> (`sop run` options, environment): one adaptive arm per alpha and the fixed 50/50 mix."""
+    arms = {f"adaptive_alpha{a:g}": (["--sampler", "adaptive"], {"SOP_LEARN_ALPHA": str(a)}) for a in alphas}
+    arms["fixed_50_50"] = (["--sampler", "fixed"], {"SOP_LEARN_FIXED_ONLINE_SHARE": "0.5"})
+    return arms
+
+
 def sampler(args: argparse.Namespace, base: Path, out: Path) -> dict:
     results = {}
-    for name in ("adaptive", "fixed"):
-        d = clone(base, out / f"sampler_{name}")
-        summary = run_arm(d, minutes=args.minutes, actors=args.actors,
-                          extra=["--algorithm", "hg-dagger", "--sampler", name], tasks=args.tasks)
-        results[name] = {"success": evaluate(d, episodes=args.eval_episodes, tasks=args.tasks),
-                         "time_to_0.8_min": summary.get("time_to_0.8_min"), "run": summary}
+    reused = dict(item.split("=", 1) for item in args.reuse)
+    checkpoints = [args.checkpoint_min * (k + 1) for k in range(int(args.minutes // args.checkpoint_min))]
+    for name, (options, env) in sampler_arms(args.alphas).items():
+        d = Path(reused[name]).resolve() if name in reused else out / f"sampler_{name}"
+        if name not in reused and not done(d, "last-run.json"):
+            run_arm(clone(base, d), minutes=args.minutes, actors=args.actors,
+                    extra=["--algorithm", "hg-dagger", *options], tasks=args.tasks, env=env)
+        if not done(d, "eval.json"):
+            evaluate(d, episodes=args.eval_episodes, tasks=args.tasks)
+        summary = json.loads((d / "last-run.json").read_text())["summary"]
+        curve = success_over_time(d, checkpoints_min=checkpoints, episodes=args.checkpoint_episodes, tasks=args.tasks)
+        status = json.loads((d / "learner" / "status.json").read_text())
+        results[name] = {"success": json.loads((d / "eval.json").read_text())["canonical"],
+                         "held_out_success_over_time": curve, "omega_on": omega_history(d),
+                         "final_losses": status.get("losses"), "learner_steps": status["step"],
+                         "episodes_per_hour": summary.get("episodes_per_hour"), "run_dir": str(d), "run": summary}
+        if (base / "eval.json").exists():
+            base_success = json.loads((base / "eval.json").read_text())["canonical"]
+            results[name]["base_success"] = sum(base_success.values()) / len(base_success)
     return results
 
 
+def omega_history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The online share per task the learner sampled with, by learner step (its MLflow ``omega_on/<task>``)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+            if r.data.tags.get("sop.role") == "learner"]
+    history: dict[str, list[tuple[int, float]]] = {}
+    for run in runs:
+        for key in (k for k in run.data.metrics if k.startswith("omega_on/")):
+            history.setdefault(key.removeprefix("omega_on/"), []).extend(
+                (m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+    return {task: sorted(points) for task, points in history.items()}
+
+
 def arm_dirs(experiment: str, results: dict, out: Path) -> dict[str, Path]:
-    if experiment == "fleet":
+    if experiment in ("fleet", "sampler"):
         return {arm: Path(r["run_dir"]) for arm, r in results.items()}
-    prefix = "sampler_" if experiment == "sampler" else ""
-    return {arm: out / f"{prefix}{arm}" for arm in results if (out / f"{prefix}{arm}" / "last-run.json").exists()}
+    return {arm: out / arm for arm in results if (out / arm / "last-run.json").exists()}
 
 
 def plot(experiment: str, results: dict, out: Path, *, window: int = 20) -> list[Path]:
@@ -219,17 +254,31 @@ def plot(experiment: str, results: dict, out: Path, *, window: int = 20) -> list
         written.append(out / f"{experiment}.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
-    if experiment == "fleet":
+    if experiment in ("fleet", "sampler"):
         fig, ax = plt.subplots(figsize=(9, 4.5))
         for arm, r in results.items():
             curve = {float(t): v for t, v in r["held_out_success_over_time"].items()}
             ax.plot([0, *curve], [r.get("base_success", np.nan), *curve.values()], marker="o", label=arm)
         ax.axhline(0.8, ls="--", c="grey", lw=0.8)
         ax.set(xlabel="wall-clock time (min)", ylabel="held-out success of the running version", ylim=(0, 1.02),
-               title="fleet: success of the policy the fleet ran (operator off)")
+               title=f"{experiment}: success of the policy the fleet ran (operator off)")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        written.append(out / "fleet.png")
+        written.append(out / f"{experiment}{'_over_time' if experiment == 'sampler' else ''}.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    if experiment == "sampler":
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        for (arm, r), style in zip(results.items(), ("-", "--", ":", "-."), strict=False):
+            for i, (task, points) in enumerate(sorted(r["omega_on"].items())):
+                if points:
+                    steps, values = zip(*points, strict=True)
+                    ax.plot(steps, values, style, c=f"C{i}", label=f"{arm}: {task.removesuffix('-v3')}")
+        ax.set(xlabel="learner step", ylabel="omega_on (online share of the batch)", ylim=(0, 1),
+               title="sampler: online share per task")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        written.append(out / "sampler_omega.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(9, 4.5))
@@ -264,6 +313,16 @@ def table(experiment: str, results: dict) -> str:
             eph_text = f"{eph:.0f}" if eph else "-"
             cells = " | ".join(f"{s[t]:.2f}" for t in tasks)
             lines.append(f"| {arm} | {cells} | {sum(s.values()) / len(s):.2f} | {eph_text} |")
+        if experiment == "sampler":
+            checkpoints = list(next(iter(results.values()))["held_out_success_over_time"])
+            lines += ["", "| mix | " + " | ".join(f"held-out @ {t:g} min" for t in checkpoints)
+                      + " | final | learner steps | mean omega_on (last 20%) |", "|---" * (len(checkpoints) + 4) + "|"]
+            for arm, r in results.items():
+                curve = " | ".join(f"{r['held_out_success_over_time'][c]:.2f}" for c in checkpoints)
+                s = r["success"]
+                tail = [v for points in r["omega_on"].values() for v in [p[1] for p in points[int(0.8 * len(points)):]]]
+                omega = f"{sum(tail) / len(tail):.2f}" if tail else "-"
+                lines.append(f"| {arm} | {curve} | {sum(s.values()) / len(s):.2f} | {r['learner_steps']} | {omega} |")
     else:
         checkpoints = list(next(iter(results.values()))["held_out_success_over_time"])
         lines += ["| actors | " + " | ".join(f"held-out @ {t:g} min" for t in checkpoints)
@@ -285,10 +344,15 @@ def main() -> None:
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--fleet", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--checkpoint-min", type=float, default=3.0,
-                    help="fleet: evaluate the running policy on held-out seeds every this many minutes of each arm.")
-    ap.add_argument("--checkpoint-episodes", type=int, default=10, help="fleet: episodes per task per checkpoint.")
-    ap.add_argument("--reuse", nargs="*", default=[], metavar="N=DIR",
-                    help="fleet: take the arm with N actors from an earlier run directory instead of running it.")
+                    help="fleet, sampler: evaluate the running policy on held-out seeds every this many minutes of "
+                         "each arm.")
+    ap.add_argument("--checkpoint-episodes", type=int, default=10,
+                    help="fleet, sampler: episodes per task per checkpoint.")
+    ap.add_argument("--reuse", nargs="*", default=[], metavar="ARM=DIR",
+                    help="Take an arm from an earlier run directory instead of running it: fleet N=DIR (N actors), "
+                         "sampler adaptive_alphaA=DIR or fixed_50_50=DIR.")
+    ap.add_argument("--alphas", type=float, nargs="+", default=[2.0],
+                    help="sampler: one adaptive arm per alpha of omega_on = exp(a*l_on) / (exp(a*l_on) + exp(l_off)).")
     ap.add_argument("--eval-episodes", type=int, default=50)
     ap.add_argument("--demos", type=int, default=None,
                     help="Demonstrations per task of the shared base (default: the calibrated counts per task).")
@@ -315,9 +379,12 @@ def main() -> None:
     print(md)
     for png in plot(args.experiment, results, out):
         print(f"plot: {png}")
-    fleet_arg = f" --fleet {' '.join(map(str, args.fleet))}" if args.experiment == "fleet" else ""
+    extra = {"fleet": f" --fleet {' '.join(map(str, args.fleet))}",
+             "sampler": f" --alphas {' '.join(f'{a:g}' for a in args.alphas)}"}.get(args.experiment, "")
+    if args.experiment != "methods":
+        extra += f" --checkpoint-min {args.checkpoint_min:g} --checkpoint-episodes {args.checkpoint_episodes}"
     print(f"({(time.time() - t0) / 60:.0f} min) reproduce: .venv/bin/python -m benchmarks.loop {args.experiment} "
-          f"--minutes {args.minutes:g} --actors {args.actors} --eval-episodes {args.eval_episodes}{fleet_arg}")
+          f"--minutes {args.minutes:g} --actors {args.actors} --eval-episodes {args.eval_episodes}{extra}")
 
 
 if __name__ == "__main__":
