@@ -26,6 +26,16 @@ LOG4J_CONFIG = Path(__file__).parent / "kafka" / "log4j2.properties"
 DEFAULT_KAFKA_VERSION = "4.1.1"
 
 
+def new_cluster_id() -> str:
+    """A random KRaft cluster id (base64url of a UUID) that does not start with "-": one in 64 would, and
+    `kafka-storage format -t -abc…` then reads the id as an option and fails (as Kafka's Uuid.randomUuid,
+    which draws again for the same reason)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 class StackError(RuntimeError):
     """The local stack could not be started, reached or stopped; the message says what to fix."""
 
@@ -136,7 +146,7 @@ class LocalKafka:
                 f"-Dlog4j2.configurationFile={LOG4J_CONFIG}", f"-Dkafka.logs.dir={cfg.data_dir}",
                 "-cp", classpath]
         if not (log_dir / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = new_cluster_id()
             fmt = subprocess.run([*java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
                                  capture_output=True, text=True)
             if fmt.returncode != 0:
