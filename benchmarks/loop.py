@@ -93,6 +93,19 @@ def done(run_dir: Path, file: str) -> bool:
     return RESUME and (run_dir / file).exists()
 
 
+def checkpoints_of(args: argparse.Namespace) -> list[float]:
+    """The minutes at which each arm's running policy is evaluated: every --checkpoint-min within --minutes."""
+    return [args.checkpoint_min * (k + 1) for k in range(int(args.minutes // args.checkpoint_min))]
+
+
+def base_mean_success(base: Path) -> float | None:
+    """Mean held-out success of the shared base policy (the curves' point at t = 0), if it was evaluated."""
+    if not (base / "eval.json").exists():
+        return None
+    success = json.loads((base / "eval.json").read_text())["canonical"]
+    return sum(success.values()) / len(success)
+
+
 def methods(args: argparse.Namespace, base: Path, out: Path) -> dict:
     if not done(base, "eval.json"):
         evaluate(base, episodes=args.eval_episodes, tasks=args.tasks)
@@ -154,8 +167,7 @@ def fleet(args: argparse.Namespace, base: Path, out: Path) -> dict:
         else:
             d = clone(base, out / f"fleet_{n}")
             summary = run_arm(d, minutes=args.minutes, actors=n, extra=["--algorithm", "hg-dagger"], tasks=args.tasks)
-        checkpoints = [args.checkpoint_min * (k + 1) for k in range(int(args.minutes // args.checkpoint_min))]
-        curve = success_over_time(d, checkpoints_min=checkpoints, episodes=args.checkpoint_episodes, tasks=args.tasks)
+        curve = success_over_time(d, checkpoints_min=checkpoints_of(args), episodes=args.checkpoint_episodes, tasks=args.tasks)
         reached = [t for t, v in curve.items() if v >= 0.8]
         results[f"{n}_actors"] = {"time_to_0.8_min": reached[0] if reached else None,
                                   "held_out_success_over_time": curve,
@@ -163,12 +175,11 @@ def fleet(args: argparse.Namespace, base: Path, out: Path) -> dict:
                                   "final_rolling_success": summary.get("final_rolling_success"),
                                   "episodes_per_hour": summary.get("episodes_per_hour"), "run_dir": str(d),
                                   "run": summary}
-    base_eval = base / "eval.json"
     first = results.get(f"{args.fleet[0]}_actors", {}).get("time_to_0.8_min")
+    base_success = base_mean_success(base)
     for r in results.values():
-        if base_eval.exists():
-            base_success = json.loads(base_eval.read_text())["canonical"]
-            r["base_success"] = sum(base_success.values()) / len(base_success)
+        if base_success is not None:
+            r["base_success"] = base_success
         t = r["time_to_0.8_min"]
         r["speedup"] = first / t if first and t else None
     return results
@@ -184,7 +195,7 @@ def sampler_arms(alphas: list[float]) -> dict[str, tuple[list[str], dict[str, st
 def sampler(args: argparse.Namespace, base: Path, out: Path) -> dict:
     results = {}
     reused = dict(item.split("=", 1) for item in args.reuse)
-    checkpoints = [args.checkpoint_min * (k + 1) for k in range(int(args.minutes // args.checkpoint_min))]
+    base_success = base_mean_success(base)
     for name, (options, env) in sampler_arms(args.alphas).items():
         d = Path(reused[name]).resolve() if name in reused else out / f"sampler_{name}"
         if name not in reused and not done(d, "last-run.json"):
@@ -193,15 +204,15 @@ def sampler(args: argparse.Namespace, base: Path, out: Path) -> dict:
         if not done(d, "eval.json"):
             evaluate(d, episodes=args.eval_episodes, tasks=args.tasks)
         summary = json.loads((d / "last-run.json").read_text())["summary"]
-        curve = success_over_time(d, checkpoints_min=checkpoints, episodes=args.checkpoint_episodes, tasks=args.tasks)
+        curve = success_over_time(d, checkpoints_min=checkpoints_of(args), episodes=args.checkpoint_episodes,
+                                  tasks=args.tasks)
         status = json.loads((d / "learner" / "status.json").read_text())
         results[name] = {"success": json.loads((d / "eval.json").read_text())["canonical"],
                          "held_out_success_over_time": curve, "omega_on": omega_history(d),
                          "final_losses": status.get("losses"), "learner_steps": status["step"],
                          "episodes_per_hour": summary.get("episodes_per_hour"), "run_dir": str(d), "run": summary}
-        if (base / "eval.json").exists():
-            base_success = json.loads((base / "eval.json").read_text())["canonical"]
-            results[name]["base_success"] = sum(base_success.values()) / len(base_success)
+        if base_success is not None:
+            results[name]["base_success"] = base_success
     return results
 
 
@@ -320,7 +331,7 @@ def table(experiment: str, results: dict) -> str:
             for arm, r in results.items():
                 curve = " | ".join(f"{r['held_out_success_over_time'][c]:.2f}" for c in checkpoints)
                 s = r["success"]
-                tail = [v for points in r["omega_on"].values() for v in [p[1] for p in points[int(0.8 * len(points)):]]]
+                tail = [value for points in r["omega_on"].values() for _, value in points[int(0.8 * len(points)):]]
                 omega = f"{sum(tail) / len(tail):.2f}" if tail else "-"
                 lines.append(f"| {arm} | {curve} | {sum(s.values()) / len(s):.2f} | {r['learner_steps']} | {omega} |")
     else:
