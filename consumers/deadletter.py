@@ -1,13 +1,16 @@
 """The dead-letter path: what a message that cannot be processed carries onto ``sop.deadletter``.
 
-The value is the original bytes, untouched; the headers say why and where it came from, so a
-person (or a replay tool) can find it, fix the producer and re-publish it.
+The value is the original bytes, untouched; the headers say why (a machine-readable ``sop.reason``
+from :class:`Reason`, plus the error text) and where it came from, so a person (or ``sop replay
+deadletter``) can find it, fix the producer or the processor, and re-process it.
 """
 
 from __future__ import annotations
 
 import time
+from enum import StrEnum
 
+HEADER_REASON = "sop.reason"
 HEADER_ERROR = "sop.error"
 HEADER_ERROR_TYPE = "sop.error_type"
 HEADER_TOPIC = "sop.origin.topic"
@@ -18,11 +21,51 @@ HEADER_PROCESSOR = "sop.processor"
 HEADER_FAILED_AT = "sop.failed_at_ms"
 
 
+class Reason(StrEnum):
+    """Why an input event was dead-lettered (the ``sop.reason`` header)."""
+
+    CORRUPT = "corrupt"  # not a single-object Avro message, or a garbled payload
+    UNKNOWN_SCHEMA = "unknown-schema"  # a writer-schema fingerprint this processor does not know (yet)
+    INVALID_VALUE = "invalid-value"  # decodes, but breaks the contract (non-finite, wrong lengths, bad image, ...)
+    WRONG_TOPIC = "wrong-topic"  # a record of another type on this topic
+    KEY_MISMATCH = "key-mismatch"  # the Kafka key is not the record's episode id
+    CLOCK_SKEW = "clock-skew"  # event time outside the accepted window around the processor's clock
+    LATE_STEP = "late-step"  # a step of an episode already written (forced close, or beyond its announced end)
+    DUPLICATE_CONFLICT = "duplicate-conflict"  # a second copy of a step index whose content differs
+    POISON_EPISODE = "poison-episode"  # the episode's close failed; its events are kept here, the rest goes on
+    IDENTITY_MISMATCH = "identity-mismatch"  # the claimed actor does not belong to the producing principal
+    PROCESSING_ERROR = "processing-error"  # an unexpected error handling this one event
+
+
+class Rejected(ValueError):
+    """An input event refused for ``reason``; the message says what is wrong with it."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def reason_of(error: BaseException) -> Reason:
+    """The dead-letter reason for an exception raised while admitting an event."""
+    if isinstance(error, Rejected):
+        return error.reason
+    from schemas import codec
+
+    if isinstance(error, codec.UnknownSchemaError):
+        return Reason.UNKNOWN_SCHEMA
+    if isinstance(error, codec.CorruptMessageError):
+        return Reason.CORRUPT
+    if isinstance(error, codec.InvalidMessageError):
+        return Reason.INVALID_VALUE
+    return Reason.PROCESSING_ERROR
+
+
 def deadletter_headers(
     *, error: BaseException, topic: str, partition: int, offset: int, timestamp_ms: int | None = None,
-    processor: str = "",
+    processor: str = "", reason: Reason | None = None,
 ) -> list[tuple[str, bytes]]:
     headers = [
+        (HEADER_REASON, str(reason or reason_of(error)).encode()),
         (HEADER_ERROR, str(error)[:4000].encode()),
         (HEADER_ERROR_TYPE, type(error).__name__.encode()),
         (HEADER_TOPIC, topic.encode()),
