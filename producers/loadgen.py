@@ -48,6 +48,8 @@ class LoadGenConfig:
     seed: int = 0
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     image_pool: int = 32
+    # per-camera capture timestamps (Step v2's CameraImage.capture_time_us); off = records a v1 producer writes
+    capture_times: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -154,6 +156,9 @@ class _RobotStream:
         proposed = self.rng.uniform(-1, 1, cfg.action_dim).astype(np.float32).tolist()
         images = [{"camera": f"cam{c}", "encoding": "jpeg", "width": cfg.image_size, "height": cfg.image_size,
                    "data": self.pool[int(self.rng.integers(len(self.pool)))]} for c in range(cfg.cameras)]
+        if cfg.capture_times:  # exposed 15-35 ms before the action, cameras a little apart
+            for img in images:
+                img["capture_time_us"] = now - int(self.rng.integers(15_000, 35_000))
         last = i == ep.length - 1
         out.append(("Step", {**base, "instruction": INSTRUCTIONS[ep.task], "step_index": i, "event_time_us": now,
                              "policy_version": "0", "images": images,
