@@ -14,6 +14,7 @@ Modules (import them directly; this file imports nothing, so ``learner.recap`` s
 - ``value``       distributional ``ValueModel`` (201 bins over the normalised return), ``train_value``
 - ``algorithms``  the ``Algorithm`` protocol, ``HGDagger``, ``Recap``
 - ``sampler``     ``AdaptiveSampler`` (equal task weights, loss-driven online share), ``Prefetcher``
+- ``quarantine``  ``row_problem`` / ``RowSpec``: rows that cannot be learned from, ``Quarantine`` counts them by reason
 - ``trainer``     ``Learner``: one update per ``step()``; ``AsyncPublisher``
 - ``registry``    ``register_policy`` / ``register_value`` / ``load_latest``: pyfunc versions actors load
 - ``feeder``      ``DeltaFeeder``: Delta ``demonstrations`` / ``steps`` -> sampler buffers, incrementally, on a thread
@@ -34,7 +35,8 @@ Modules (import them directly; this file imports nothing, so ``learner.recap`` s
     model = resumed.model if resumed else VLAPolicy(cfg_model)
     algorithm = make_algorithm(cfg_train.algorithm, RecapConfig())
     build = BatchBuilder(cfg_model.encoder, text, chunk=cfg_model.chunk, action_dim=cfg_model.action_dim)
-    sampler = AdaptiveSampler(cfg_sampler, build, chunk=cfg_model.chunk, accept=algorithm.accepts)
+    sampler = AdaptiveSampler(cfg_sampler, build, chunk=cfg_model.chunk, accept=algorithm.accepts,
+                              spec=RowSpec.for_policy(cfg_model))  # broken rows are quarantined, counted
     for episode in demonstrations:                                      # offline: clean expert labels
         sampler.add_episode(episode, source="offline")
     publish = AsyncPublisher(PolicyPublisher(tracking_uri=uri, embeddings=text.table, lineage=lambda: {...},

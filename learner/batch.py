@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from learner.config import EncoderConfig
+from learner.quarantine import MISSING_CAMERA, RejectedRows, RowRejected, decode_row_image
 from learner.recap import UNKNOWN
 from learner.text import TextEmbedder
 
@@ -87,20 +88,21 @@ def label_of(row: Mapping[str, Any], source: Source) -> np.ndarray:
 def prepare_episode(rows: Sequence[Mapping[str, Any]], *, source: Source, chunk: int) -> list[Row]:
     """Copies of one episode's rows with their (chunked) labels attached, ordered by ``step_index``.
 
-    The chunk of step t holds the labels of t..t+chunk-1; entries past the episode's end, or where
-    control changed hands since t (a human label must not be continued with the policy's actions),
-    are masked out.
+    The chunk of step t holds the labels of t..t+chunk-1; entries past the episode's end, past a missing
+    step (e.g. a quarantined row), or where control changed hands since t (a human label must not be
+    continued with the policy's actions), are masked out.
     """
     ordered = sorted(rows, key=lambda r: r["step_index"])
     labels = [label_of(r, source) for r in ordered]
     controllers = [r.get("controller", "POLICY") for r in ordered]
+    steps = [int(r["step_index"]) for r in ordered]
     prepared: list[Row] = []
     for t, row in enumerate(ordered):
         out = dict(row)
         label = np.zeros((chunk, labels[t].shape[0]), dtype=np.float32)
         mask = np.zeros(chunk, dtype=bool)
         for k in range(chunk):
-            if t + k >= len(ordered) or controllers[t + k] != controllers[t]:
+            if t + k >= len(ordered) or controllers[t + k] != controllers[t] or steps[t + k] != steps[t] + k:
                 break
             label[k] = labels[t + k]
             mask[k] = True
@@ -159,7 +161,12 @@ def row_observation_tensors(rows: Sequence[Mapping[str, Any]], encoder: EncoderC
 
 
 class BatchBuilder:
-    """Collates prepared rows into a ``Batch`` (decoding images and looking up instruction embeddings)."""
+    """Collates prepared rows into a ``Batch`` (decoding images and looking up instruction embeddings).
+
+    Images must have the encoder's size (no resizing here: a frame of another size is a broken row). Rows
+    whose images do not decode make it raise ``quarantine.RejectedRows`` naming all of them, after trying
+    every row; the sampler quarantines those and samples again.
+    """
 
     def __init__(self, encoder: EncoderConfig, text: TextEmbedder, *, chunk: int, action_dim: int) -> None:
         self.encoder = encoder
@@ -170,7 +177,18 @@ class BatchBuilder:
     def __call__(self, rows: Sequence[Mapping[str, Any]], online: Sequence[bool]) -> Batch:
         if not rows:
             raise ValueError("cannot build an empty batch")
-        images, proprio, text = row_observation_tensors(rows, self.encoder, self.text)
+        decoded: list[np.ndarray] = []
+        rejected: list[tuple[int, str, str]] = []
+        for i, row in enumerate(rows):
+            try:
+                decoded.append(self._images(row))
+            except RowRejected as exc:
+                rejected.append((i, exc.reason, exc.detail))
+        if rejected:
+            raise RejectedRows(rejected)
+        images = images_to_tensor(np.stack(decoded))
+        proprio = torch.from_numpy(np.stack([np.asarray(r["proprio"], dtype=np.float32) for r in rows]))
+        text = torch.from_numpy(self.text.embed([r["instruction"] for r in rows]))
         labels = np.stack([self._label(r) for r in rows])
         masks = np.stack([r[LABEL_MASK] for r in rows])
         return Batch(
@@ -186,6 +204,14 @@ class BatchBuilder:
             returns=torch.tensor([_number(r.get("normalised_return")) for r in rows], dtype=torch.float32),
             tasks=[str(r["task"]) for r in rows],
         )
+
+    def _images(self, row: Mapping[str, Any]) -> np.ndarray:
+        by_camera = {im["camera"]: im for im in row.get("images") or ()}
+        missing = [c for c in self.encoder.cameras if c not in by_camera]
+        if missing:
+            raise RowRejected(MISSING_CAMERA, f"no image from camera(s) {missing}; it has {sorted(by_camera)}")
+        size = self.encoder.image_size
+        return np.stack([decode_row_image(by_camera[c], size) for c in self.encoder.cameras])
 
     def _label(self, row: Mapping[str, Any]) -> np.ndarray:
         label = row[LABEL]

@@ -85,8 +85,10 @@ class RunningNorm(nn.Module):
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        """Fold a batch into the statistics (Chan et al.'s parallel mean/variance)."""
+        """Fold a batch into the statistics (Chan et al.'s parallel mean/variance); rows holding a NaN or an
+        Inf are left out, as one of them would make the statistics, and every later output, NaN for good."""
         x = x.detach().to(torch.float64).reshape(-1, self.mean.shape[0])
+        x = x[torch.isfinite(x).all(dim=1)]
         n = x.shape[0]
         if n == 0:
             return

@@ -45,6 +45,7 @@ from learner.ddp import DDPPolicy, DistInfo, any_rank, barrier, broadcast
 from learner.feeder import DeltaFeeder, FeederConfig, wait_for_rows
 from learner.model import VLAPolicy
 from learner.promotion import GateConfig, PromotionGate, pinned, promote
+from learner.quarantine import RowSpec
 from learner.sampler import AdaptiveSampler, Prefetcher
 from learner.text import TextEmbedder
 from learner.trainer import AsyncPublisher, Learner
@@ -179,6 +180,7 @@ class _Publishing:
         self.parent = parent
         self.versions: list[str] = []
         self.failures = 0
+        self.refused_non_finite = 0  # versions never registered because a weight was NaN/Inf
         self.last_error: str | None = None
         self._lock = threading.Lock()
 
@@ -196,6 +198,12 @@ class _Publishing:
                             alias=self.config.champion_alias, reason=f"auto: learner step {step}")
             elif self.gate is not None:
                 self.gate.offer(version)
+        except registry.NonFiniteWeights as exc:
+            with self._lock:
+                self.refused_non_finite += 1
+                self.last_error = str(exc)
+            log.error("not registering the policy at step %d: %s (the alias stays where it is)", step, exc)
+            return None
         except Exception as exc:  # noqa: BLE001 - a registry hiccup must not stop training; counted and logged
             with self._lock:
                 self.failures += 1
@@ -242,7 +250,8 @@ def run_learning(config: LearnConfig, *, lake: Lakehouse, tracking_uri: str | No
     build = BatchBuilder(model_cfg.encoder, text, chunk=model_cfg.chunk, action_dim=model_cfg.action_dim)
     sampler_cfg = replace(config.sampler, batch_size=config.sampler.batch_size // world,
                           seed=config.sampler.seed + rank)
-    sampler = AdaptiveSampler(sampler_cfg, build, chunk=model_cfg.chunk, accept=algorithm.accepts)
+    sampler = AdaptiveSampler(sampler_cfg, build, chunk=model_cfg.chunk, accept=algorithm.accepts,
+                              spec=RowSpec.for_policy(model_cfg))
     feeder = DeltaFeeder(lake, sampler, config.feeder)
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri) if main else None
@@ -340,7 +349,7 @@ def run_learning(config: LearnConfig, *, lake: Lakehouse, tracking_uri: str | No
                 continue
             now = time.monotonic()
             if done % config.log_every == 0 and client is not None and run_id is not None:
-                _log_metrics(client, run_id, metrics, learner.steps, prefetcher)
+                _log_metrics(client, run_id, metrics, learner.steps, prefetcher, health=_health(sampler, publishing))
             if now - last_status >= config.status_every_s:
                 steps_per_s = window_steps / max(1e-9, now - window_start)
                 window_start, window_steps = now, 0
@@ -358,7 +367,7 @@ def run_learning(config: LearnConfig, *, lake: Lakehouse, tracking_uri: str | No
             publisher.close()
             publisher = None
         if client is not None and run_id is not None and done > 0:
-            _log_metrics(client, run_id, metrics, learner.steps, prefetcher)
+            _log_metrics(client, run_id, metrics, learner.steps, prefetcher, health=_health(sampler, publishing))
         steps_per_s = done / max(1e-9, time.monotonic() - train_start)  # over the whole run
         status.update(_status_fields(learner, sampler, feeder, prefetcher, publishing, metrics,
                                      steps_per_s=steps_per_s, batch=config.sampler.batch_size))
@@ -380,12 +389,21 @@ def run_learning(config: LearnConfig, *, lake: Lakehouse, tracking_uri: str | No
             client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
 
 
+def _health(sampler: AdaptiveSampler, publishing: _Publishing | None) -> dict[str, float]:
+    """The learner's defences as metrics: ``quarantined`` and ``quarantined/<reason>`` (rows refused), and
+    ``publish_refused_non_finite`` (versions not registered). ``skipped_steps`` comes with the step metrics."""
+    values = sampler.quarantine.metrics()
+    if publishing is not None:
+        values["publish_refused_non_finite"] = float(publishing.refused_non_finite)
+    return values
+
+
 def _log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int,
-                 prefetcher: Prefetcher | None) -> None:
+                 prefetcher: Prefetcher | None, *, health: Mapping[str, float] | None = None) -> None:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    values = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
+    values = {k: float(v) for k, v in {**metrics, **(health or {})}.items() if np.isfinite(v)}
     if prefetcher is not None:
         values["prefetch_waits"] = float(prefetcher.waits)
     try:
@@ -418,10 +436,13 @@ def _status_fields(learner: Learner, sampler: AdaptiveSampler, feeder: DeltaFeed
         "steps_per_s": steps_per_s,
         "samples_per_s": steps_per_s * batch,
         "prefetch_waits": prefetcher.waits if prefetcher is not None else 0,
+        "quarantined": sampler.quarantine.counts(),  # rows refused, by reason (learner.quarantine.REASONS)
+        "skipped_steps": learner.skipped_steps,  # non-finite loss or gradient: no update
     }
     if publishing is not None:
         fields.update(last_version=publishing.parent,
-                      versions_registered=len(publishing.versions), publish_failures=publishing.failures)
+                      versions_registered=len(publishing.versions), publish_failures=publishing.failures,
+                      publish_refused_non_finite=publishing.refused_non_finite)
         if publishing.gate is not None:
             fields["gate"] = dict(publishing.gate.last, pending=publishing.gate.pending)
     return fields

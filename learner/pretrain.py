@@ -18,6 +18,7 @@ from learner.batch import LABEL, Batch, BatchBuilder, Row
 from learner.config import ModelConfig, RecapConfig, SamplerConfig, TrainConfig, ValueConfig
 from learner.feeder import DeltaFeeder, FeederConfig
 from learner.model import VLAPolicy
+from learner.quarantine import RowSpec
 from learner.sampler import AdaptiveSampler, Prefetcher
 from learner.text import TextEmbedder
 from learner.trainer import Learner
@@ -66,7 +67,8 @@ def pretrain_policy(lake: Lakehouse, text: TextEmbedder, *, steps: int, model: M
     train_cfg = train or TrainConfig()
     algorithm = make_algorithm(train_cfg.algorithm, recap, seed=train_cfg.seed)
     build = BatchBuilder(model_cfg.encoder, text, chunk=model_cfg.chunk, action_dim=model_cfg.action_dim)
-    buffers = AdaptiveSampler(sampler or SamplerConfig(), build, chunk=model_cfg.chunk, accept=algorithm.accepts)
+    buffers = AdaptiveSampler(sampler or SamplerConfig(), build, chunk=model_cfg.chunk, accept=algorithm.accepts,
+                              spec=RowSpec.for_policy(model_cfg))
     feeder = _feed(lake, buffers, (DEMONSTRATIONS.name,), tasks)
     torch.manual_seed(train_cfg.seed)  # the initial weights too: the same data and settings give the same base
     policy = VLAPolicy(model_cfg)
@@ -91,7 +93,7 @@ def pretrain_value(lake: Lakehouse, text: TextEmbedder, *, steps: int, value: Va
     build = BatchBuilder(value_cfg.encoder, text, chunk=1, action_dim=1)
     # Labels are not used here; a one-dimensional dummy keeps the batch builder's checks happy.
     buffers = AdaptiveSampler(sampler or SamplerConfig(mode="fixed", fixed_online_share=0.5),
-                              _ReturnsOnly(build), chunk=1)
+                              _ReturnsOnly(build), chunk=1, spec=RowSpec.for_encoder(value_cfg.encoder))
     feeder = _feed(lake, buffers, (DEMONSTRATIONS.name, STEPS.name), tasks)
     torch.manual_seed(train_cfg.seed)
     model = ValueModel(value_cfg)

@@ -269,6 +269,29 @@ def _register(*, wrapper: Callable[[str], mlflow.pyfunc.PythonModel], write: Cal
     return str(mv.version)
 
 
+class NonFiniteWeights(ValueError):
+    """The model holds NaN or Inf weights (or statistics): actors would refuse it, so it is never registered."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        super().__init__(f"refusing to register a model with non-finite values in {shown}")
+        self.names = list(names)
+
+
+def non_finite_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of the ``state_dict`` entries (weights and buffers such as the proprio statistics) holding a
+    NaN or an Inf; empty when the model is safe to publish."""
+    return [name for name, t in model.state_dict().items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def check_finite(model: torch.nn.Module) -> None:
+    """Raise ``NonFiniteWeights`` if any weight or buffer of ``model`` is NaN or Inf."""
+    bad = non_finite_tensors(model)
+    if bad:
+        raise NonFiniteWeights(bad)
+
+
 def register_policy(model: VLAPolicy, *, name: str = POLICY_NAME, alias: str | None = "champion",
                     metrics: Mapping[str, float] | None = None, lineage: Mapping[str, Any] | None = None,
                     tracking_uri: str | None = None, embeddings: Mapping[str, np.ndarray] | None = None,
@@ -277,6 +300,8 @@ def register_policy(model: VLAPolicy, *, name: str = POLICY_NAME, alias: str | N
                     step: int | None = None) -> str:
     """Register ``model`` as a new version of ``name``, move ``alias`` to it, and return the version.
 
+    A model with a NaN/Inf weight or buffer is refused with ``NonFiniteWeights`` before anything is created.
+
     ``embeddings`` (instruction -> 384-d vector, e.g. ``SentenceEncoder.table()``) ship with the version so
     actors need no text encoder; ``condition``/``cfg_beta`` say how the version acts (RECAP: "positive").
     ``lineage`` (Delta versions read, algorithm, learner step, parent version ...) and ``metrics`` become tags
@@ -284,6 +309,7 @@ def register_policy(model: VLAPolicy, *, name: str = POLICY_NAME, alias: str | N
     """
     if condition not in ("positive", "unconditioned"):
         raise ValueError(f"condition must be 'positive' or 'unconditioned'; got {condition!r}")
+    check_finite(model)  # before anything exists in the registry, so no alias can ever point at it
     return _register(
         wrapper=lambda v: SOPPolicy(name=name, version=v),
         write=lambda d: write_artifacts(d, kind="policy", model=model, config=model.config,
@@ -299,6 +325,7 @@ def register_value(model: ValueModel, *, name: str = VALUE_NAME, alias: str | No
                    experiment: str = DEFAULT_EXPERIMENT, run_id: str | None = None,
                    step: int | None = None) -> str:
     """Register a value model version (what the stream processor loads to compute advantages)."""
+    check_finite(model)
     return _register(
         wrapper=lambda v: SOPValue(name=name, version=v),
         write=lambda d: write_artifacts(d, kind="value", model=model, config=model.config,

@@ -26,6 +26,7 @@ import torch
 
 from learner.batch import HUMAN, SOURCES, Batch, BatchSource, Row, Source, prepare_episode
 from learner.config import SamplerConfig
+from learner.quarantine import Quarantine, RejectedRows, RowSpec, row_problem
 
 T = TypeVar("T")
 BuildBatch = Callable[[Sequence[Row], Sequence[bool]], Batch]
@@ -69,6 +70,16 @@ class RingBuffer(Generic[T]):
         for item in items:
             self.append(item)
 
+    def remove(self, doomed: Iterable[T]) -> int:
+        """Drop these very items (by identity); the others keep their order, the oldest still fall out first."""
+        ids = {id(item) for item in doomed}
+        if self._next and len(self._items) == self.capacity:  # full: rotate so the oldest comes first
+            self._items = self._items[self._next:] + self._items[:self._next]
+        before = len(self._items)
+        self._items = [item for item in self._items if id(item) not in ids]
+        self._next = len(self._items) % self.capacity
+        return before - len(self._items)
+
     def sample(self, rng: np.random.Generator, n: int) -> list[T]:
         if not self._items:
             raise IndexError("cannot sample from an empty buffer")
@@ -100,15 +111,23 @@ class LossWindow:
 class AdaptiveSampler:
     """Per-task online and offline ring buffers of still-compressed rows, sampled as the paper describes.
 
+    With a ``spec`` (``RowSpec.for_policy(model_config)``) every row is checked as it arrives
+    (``quarantine.row_problem``) and a row that fails never enters a buffer; a row whose images fail to
+    decode when a batch is built is taken out of its buffer and the batch sampled again. Both are counted
+    by reason in ``quarantine`` (``Quarantine.counts()``).
+
     Thread-safe: rows may be added from an ingest thread while a prefetch thread builds batches.
     """
 
     def __init__(self, config: SamplerConfig, build: BuildBatch, *, chunk: int = 1,
-                 accept: Accept | None = None) -> None:
+                 accept: Accept | None = None, spec: RowSpec | None = None,
+                 quarantine: Quarantine | None = None) -> None:
         self.config = config
         self._build = build
         self._chunk = chunk
         self._accept = accept
+        self.spec = spec
+        self.quarantine = quarantine or Quarantine()
         self._rng = np.random.default_rng(config.seed)
         self._lock = threading.Lock()
         self._buffers: dict[str, dict[Source, RingBuffer[Row]]] = {}
@@ -119,6 +138,8 @@ class AdaptiveSampler:
     def add_episode(self, rows: Sequence[Mapping[str, Any]], *, source: Source) -> int:
         """Label one episode's rows (``prepare_episode``) and keep those the algorithm accepts."""
         _check_source(source)
+        if self.spec is not None:
+            rows = self.admit(rows, source=source)
         if not rows:
             return 0
         kept = [r for r in prepare_episode(rows, source=source, chunk=self._chunk)
@@ -129,6 +150,19 @@ class AdaptiveSampler:
         for task, task_rows in by_task.items():
             self.add_rows(task, source, task_rows)
         return len(kept)
+
+    def admit(self, rows: Sequence[Mapping[str, Any]], *, source: Source) -> list[Mapping[str, Any]]:
+        """The rows that pass ``row_problem``; the others are quarantined (counted and logged)."""
+        if self.spec is None:
+            return list(rows)
+        admitted = []
+        for row in rows:
+            problem = row_problem(row, self.spec)
+            if problem is None:
+                admitted.append(row)
+            else:
+                self.quarantine.record(row, *problem, source=source)
+        return admitted
 
     def add_rows(self, task: str, source: Source, rows: Iterable[Row]) -> None:
         """Add rows already prepared by ``prepare_episode``."""
@@ -233,8 +267,25 @@ class AdaptiveSampler:
         return rows, online
 
     def next_batch(self) -> Batch:
-        rows, online = self.sample_rows()
-        return self._build(rows, online)  # decoding happens here, outside the lock
+        while True:
+            rows, online = self.sample_rows()
+            try:
+                return self._build(rows, online)  # decoding happens here, outside the lock
+            except RejectedRows as exc:
+                # Each retry removes at least one row, so this ends (in NoData once nothing is left).
+                self._remove_rejected(rows, online, exc)
+
+    def _remove_rejected(self, rows: Sequence[Row], online: Sequence[bool], exc: RejectedRows) -> None:
+        doomed: dict[int, tuple[Row, Source, str, str]] = {}
+        for i, reason, detail in exc.rejected:
+            doomed.setdefault(id(rows[i]), (rows[i], "online" if online[i] else "offline", reason, detail))
+        with self._lock:
+            for row, source, _, _ in doomed.values():
+                buffers = self._buffers.get(str(row["task"]))
+                if buffers is not None:
+                    buffers[source].remove([row])
+        for row, source, reason, detail in doomed.values():
+            self.quarantine.record(row, reason, detail, source=source)
 
 
 def _equal_counts(n: int, tasks: int, rng: np.random.Generator) -> list[int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -30,6 +30,9 @@ class Learner:
     """Pulls a batch, takes one gradient step, feeds the per-sample losses back to the sampler, and every
     ``publish_every`` steps hands the (EMA of the) weights to ``publish`` (e.g. ``registry.PolicyPublisher``).
 
+    A step whose loss or gradient norm is NaN/Inf changes nothing (no optimizer or EMA update); it still
+    counts as a step and is counted in ``skipped_steps`` (``metrics["skipped_steps"]``).
+
     ``forward_model`` is what the algorithm's loss calls ``forward_batch`` on, when that is not ``model`` itself:
     under DistributedDataParallel the forward pass must go through the DDP wrapper (``learner.ddp``) for the
     gradients to be averaged across processes, while statistics, the EMA and publishing use the plain model.
@@ -54,6 +57,7 @@ class Learner:
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.ema: VLAPolicy | None = copy.deepcopy(model).eval() if config.ema_decay > 0 else None
         self.steps = start_step
+        self.skipped_steps = 0  # steps whose loss or gradient was not finite: no weight or EMA update
         self.published: list[Any] = []
 
     def step(self) -> dict[str, float]:
@@ -64,12 +68,22 @@ class Learner:
             self.model.encoder.proprio_norm.update(batch.proprio)
         loss, per_sample, metrics = self.algorithm.loss(self.forward_model, batch)
         self.optimizer.zero_grad(set_to_none=True)
+        # Always backward, even on a non-finite loss: under DDP every rank must join the gradient all-reduce
+        # (a NaN gradient then reaches every rank, and all of them skip the step together).
         loss.backward()
+        finite, grad_norm = finite_gradients(loss, self.model.parameters(), self.config.grad_clip)
         if self.config.grad_clip is not None:
-            metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
-        self.optimizer.step()
-        if self.ema is not None:
-            _ema_update(self.ema, self.model, self.config.ema_decay)
+            metrics["grad_norm"] = float(grad_norm)
+        if finite:
+            self.optimizer.step()
+            if self.ema is not None:
+                _ema_update(self.ema, self.model, self.config.ema_decay)
+        else:
+            # One non-finite step would make every weight NaN (Adam's moments keep it for good): no update,
+            # no EMA update, counted.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+        metrics["skipped_steps"] = float(self.skipped_steps)
         if self.feedback is not None:
             self.feedback.record_batch(batch, per_sample)
         self.steps += 1
@@ -93,6 +107,18 @@ class Learner:
 
     def policy_to_publish(self) -> VLAPolicy:
         return self.ema if self.ema is not None else self.model
+
+
+def finite_gradients(loss: torch.Tensor, parameters: Iterable[torch.Tensor],
+                     grad_clip: float | None) -> tuple[bool, torch.Tensor]:
+    """After ``loss.backward()``: clip the gradients to ``grad_clip`` (None: no clipping) and say whether the
+    loss and the gradient norm are finite, i.e. whether an optimizer step is safe. Returns (ok, norm)."""
+    params = [p for p in parameters if p.grad is not None]
+    if grad_clip is not None:
+        norm = nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        norm = nn.utils.get_total_norm([p.grad for p in params])
+    return bool(torch.isfinite(loss.detach()) & torch.isfinite(norm)), norm
 
 
 @torch.no_grad()

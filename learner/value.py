@@ -19,6 +19,7 @@ from learner.batch import Batch, BatchSource, ObservationLike, row_observation_t
 from learner.config import ValueConfig
 from learner.model import ObservationEncoder, mlp, observation_tensors
 from learner.text import TextEmbedder
+from learner.trainer import finite_gradients
 
 
 class ValueModel(nn.Module):
@@ -81,6 +82,7 @@ def train_value(model: ValueModel, batches: BatchSource | Iterable[Batch], *, st
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     iterator = iter(batches) if not isinstance(batches, BatchSource) else None
     history: list[dict[str, float]] = []
+    skipped = 0
     for step in range(steps):
         batch = (batches.next_batch() if iterator is None else next(iterator)).to(device)  # type: ignore[union-attr]
         if step < proprio_stats_steps:
@@ -88,9 +90,12 @@ def train_value(model: ValueModel, batches: BatchSource | Iterable[Batch], *, st
         loss, _, metrics = value_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        if finite_gradients(loss, model.parameters(), grad_clip)[0]:
+            optimizer.step()
+        else:  # as in Learner.step: a non-finite step would make the weights NaN for good
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+        metrics["skipped_steps"] = float(skipped)
         history.append(metrics)
         if on_step is not None:
             on_step(step + 1, metrics)
