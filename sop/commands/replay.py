@@ -1,4 +1,10 @@
-"""`sop replay`: re-process Kafka history into fresh tables, or publish stored episodes back onto the topics."""
+"""`sop replay`: re-process Kafka history into fresh tables, publish stored episodes back onto the topics, or
+re-publish dead letters onto the topics they came from.
+
+    sop replay kafka --from 2026-11-24T10:00 --into /tmp/rebuilt --c-fail 200
+    sop replay publish --from-table demonstrations --where "task = 'drawer-open-v3'"
+    sop replay deadletter --reason unknown-schema          # after the processor learnt the new schema
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 
@@ -191,3 +198,292 @@ def publish_episodes(rows: list[dict], sink, *, keep_ids: bool = False, copies: 
                                           "seed": None, "outcome": last["outcome"], "num_steps": len(steps)},
                          key=new_id)
     return {"episodes": len(episodes) * copies, "steps": n_steps}
+
+
+# -- replay deadletter ----------------------------------------------------------------------------------------
+
+HEADER_REPLAYED_FROM = "sop.replayed-from"  # "<dead-letter topic>/<partition>/<offset>" of the letter re-published
+HEADER_REPLAYED_ORIGIN = "sop.replayed-origin"  # "<origin topic>/<partition>/<offset>" it was dead-lettered from
+_METADATA_MAX = 4000  # brokers keep at most offset.metadata.max.bytes (4096 by default) per committed offset
+
+
+def coordinate(topic: str, partition: int | str, offset: int | str) -> str:
+    return f"{topic}/{partition}/{offset}"
+
+
+def decide_letter(headers: dict[str, str], letter: str, *, reasons: frozenset[str] | None, data_topics: set[str],
+                  replayed: set[str]) -> tuple[str | None, str]:
+    """``(origin topic, "replay")`` for a dead letter to re-publish, else ``(None, why it is skipped)``.
+
+    ``letter`` is the dead letter's own coordinate; ``replayed`` holds the dead-letter and origin coordinates
+    already re-published (by this job before a crash, or earlier in this run: the processor can dead-letter
+    one event twice if it dies between the dead letter and its commit).
+    """
+    from consumers.deadletter import HEADER_OFFSET, HEADER_PARTITION, HEADER_REASON, HEADER_TOPIC
+
+    if reasons is not None and headers.get(HEADER_REASON) not in reasons:
+        return None, "other-reason"
+    topic = headers.get(HEADER_TOPIC, "")
+    if not topic:
+        return None, "no-origin"
+    if topic not in data_topics:
+        return None, "not-a-data-topic"
+    origin = coordinate(topic, headers.get(HEADER_PARTITION, "?"), headers.get(HEADER_OFFSET, "?"))
+    if letter in replayed or (HEADER_OFFSET in headers and origin in replayed):
+        return None, "already-replayed"
+    return topic, "replay"
+
+
+def origin_timestamp_ms(headers: dict[str, str]) -> int | None:
+    from consumers.deadletter import HEADER_TIMESTAMP
+
+    raw = headers.get(HEADER_TIMESTAMP, "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else None
+
+
+def encode_progress(*, clean: bool, origin_ends: dict[str, dict[int, int]]) -> str:
+    """The metadata committed with the job's dead-letter offsets: did the run end cleanly, and where did the
+    origin topics end at that commit (no message re-published after the commit lies below those offsets)."""
+    text = json.dumps({"clean": clean, "ends": {t: {str(p): o for p, o in ps.items()} for t, ps in origin_ends.items()}},
+                      separators=(",", ":"))
+    if len(text) > _METADATA_MAX:
+        raise click.ClickException(f"{sum(map(len, origin_ends.values()))} origin partitions do not fit the "
+                                   f"{_METADATA_MAX}-byte offset metadata of a replay job")
+    return text
+
+
+def decode_progress(metadata: str | None) -> tuple[bool, dict[str, dict[int, int]]]:
+    """``(clean, origin ends)`` from committed metadata; no metadata = a job never run (clean, nothing to scan)."""
+    if not metadata:
+        return True, {}
+    data = json.loads(metadata)
+    return bool(data["clean"]), {t: {int(p): int(o) for p, o in ps.items()} for t, ps in data["ends"].items()}
+
+
+def _retrying(call, *, timeout_s: float = 60.0):  # noqa: ANN001, ANN202
+    """``call()`` again while the group coordinator is not ready (a fresh cluster, a coordinator moving)."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    transient = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                 KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError._TIMED_OUT, KafkaError._TRANSPORT}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            err = exc.args[0]
+            if not (err.retriable() or err.code() in transient) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _read_ranges(consumer: Consumer, ranges: dict[tuple[str, int], tuple[int, int]], handle, *,  # noqa: ANN001
+                 timeout_s: float, batch: int = 500, after_batch=None) -> None:  # noqa: ANN001
+    """Read ``[start, end)`` of each (topic, partition) and call ``handle(msg)`` in offset order per partition;
+    ``after_batch(positions)`` after each batch with the next offset to read per partition."""
+    todo = {tp: se for tp, se in ranges.items() if se[0] < se[1]}
+    positions = {tp: se[0] for tp, se in todo.items()}
+    if not todo:
+        return
+    consumer.assign([TopicPartition(t, p, s) for (t, p), (s, _) in todo.items()])
+    deadline = time.monotonic() + timeout_s
+    try:
+        while todo:
+            if time.monotonic() > deadline:
+                raise click.ClickException(f"reading {sorted(todo)} did not finish within {timeout_s:.0f}s")
+            msgs = consumer.consume(num_messages=batch, timeout=1.0)
+            for msg in msgs:
+                if msg.error() is not None:
+                    raise click.ClickException(f"reading {msg.topic()}[{msg.partition()}]: {msg.error()}")
+                tp = (msg.topic(), msg.partition())
+                if tp not in todo or msg.offset() >= todo[tp][1]:
+                    continue
+                handle(msg)
+                positions[tp] = msg.offset() + 1
+            if not msgs:  # gaps (transaction markers, compaction): the consumer's position tells
+                for tpos in consumer.position([TopicPartition(t, p) for t, p in todo]):
+                    if tpos.offset >= 0:
+                        positions[(tpos.topic, tpos.partition)] = max(positions[(tpos.topic, tpos.partition)],
+                                                                      tpos.offset)
+            if after_batch is not None and msgs:
+                after_batch(dict(positions))
+            for tp in [tp for tp in todo if positions[tp] >= todo[tp][1]]:
+                del todo[tp]
+                consumer.incremental_unassign([TopicPartition(*tp)])
+    finally:
+        consumer.unassign()
+
+
+@command.command("deadletter")
+@click.option("--reason", "reasons", multiple=True,
+              help="Only dead letters with this sop.reason (repeatable), e.g. unknown-schema. Default: all.")
+@click.option("--from", "from_", default="beginning", show_default=True,
+              help="Where in the dead-letter topic to start: beginning | offset | ISO time.")
+@click.option("--to", "to", default="end", show_default=True, help="end | offset | ISO time (exclusive).")
+@click.option("--job", default=None, help="Name of the replay job (its progress); default: the reasons, or 'all'.")
+@click.option("--dry-run", is_flag=True, help="Count what would be re-published; publish and commit nothing.")
+@click.option("--timeout", "timeout_s", default=1800.0, show_default=True, help="Give up after this many seconds.")
+def replay_deadletter(reasons: tuple[str, ...], from_: str, to: str, job: str | None, dry_run: bool,
+                      timeout_s: float) -> None:
+    """Re-publish dead letters onto the topics they came from (e.g. `--reason unknown-schema` once the
+    processor knows the new schema), exactly once per job even when run twice or killed midway."""
+    from consumers.deadletter import Reason
+
+    known = {str(r) for r in Reason}
+    bad = [r for r in reasons if r not in known]
+    if bad:
+        raise click.BadParameter(f"unknown reason(s) {bad}; one of {', '.join(sorted(known))}", param_hint="--reason")
+    report = replay_deadletters(load_settings(), reasons=reasons or None, from_=from_, to=to, job=job,
+                                dry_run=dry_run, timeout_s=timeout_s)
+    skipped = ", ".join(f"{n} {why}" for why, n in sorted(report["skipped"].items())) or "none"
+    Console().print(f"{'would re-publish' if dry_run else 're-published'} {report['republished']:,} of "
+                    f"{report['letters']:,} dead letters (job {report['job']}); skipped: {skipped}")
+
+
+def replay_deadletters(settings: Settings, *, reasons: Iterable[str] | None = None, from_: str = "beginning",
+                       to: str = "end", job: str | None = None, dry_run: bool = False, timeout_s: float = 1800.0,
+                       batch: int = 500, on_batch: Callable[[dict], None] | None = None) -> dict:
+    """Re-publish the dead letters of ``settings.topics["deadletter"]`` in ``[from_, to)`` whose ``sop.reason``
+    is in ``reasons`` onto their origin topic (``sop.origin.topic``): the original value and key, the original
+    timestamp (``sop.origin.timestamp_ms``) when the letter has one, and ``sop.replayed-from`` /
+    ``sop.replayed-origin`` headers naming the letter and the event it came from.
+
+    Exactly once per job. A job (``job``, by default the reasons joined by '+', or 'all') is a consumer group
+    ``sop-replay-deadletter.<dead-letter topic>.<job>`` whose committed offsets say how far it got: a second run
+    starts where the first ended and re-publishes nothing already done. Offsets are committed only after the
+    batch before them is delivered (acks=all), with metadata that records where the origin topics ended at that
+    commit and whether the run ended cleanly. A run killed between a delivery and its commit leaves the job
+    unclean; the next run reads the origin topics from those recorded ends and skips every letter (and every
+    origin event) whose ``sop.replayed-*`` header it finds there. A letter whose origin event was already
+    re-published in this run (the processor dead-lettered it twice) is skipped too.
+
+    Letters before the job's committed offset are never looked at again, including those ``--reason`` or
+    ``--from`` left out: replay other reasons under another job. Two jobs that cover the same letters both
+    re-publish them (the processor then keeps one copy per step index, but late copies of closed episodes are
+    dead-lettered as such). ``on_batch(report)`` runs after each batch is delivered and before its offsets are
+    committed (progress; an exception there is a kill at the worst moment, which tests use). Returns ``{"letters", "republished", "skipped": {why: n}, "job", "group", "recovered"}``.
+    """
+    from confluent_kafka import Producer
+
+    from consumers.deadletter import parse_headers
+    from producers.publisher import PublisherConfig
+
+    reason_set = frozenset(reasons) if reasons else None
+    job = job or ("+".join(sorted(reason_set)) if reason_set else "all")
+    dlt = settings.topics["deadletter"]
+    data_topics = {settings.topics[n] for n in SOURCES}
+    bootstrap = settings.bootstrap()
+    client = {"bootstrap.servers": bootstrap, **settings.kafka_client_config}
+    group = f"sop-replay-deadletter.{dlt}.{job}"
+    admin = AdminClient(client)
+    letters = Consumer({**client, "group.id": group, "enable.auto.commit": False, "enable.partition.eof": False})
+    scanner = Consumer({**client, "group.id": f"{group}.scan", "enable.auto.commit": False})
+    report: dict = {"letters": 0, "republished": 0, "skipped": {}, "job": job, "group": group, "recovered": 0}
+    t0 = time.monotonic()
+    try:
+        dl_parts = _partitions(admin, dlt)
+        origin_parts = {t: _partitions(admin, t) for t in sorted(data_topics)}
+
+        def origin_ends() -> dict[str, dict[int, int]]:
+            return {t: resolve_offsets(scanner, t, ps, "end") for t, ps in origin_parts.items()}
+
+        committed = _retrying(lambda: letters.committed([TopicPartition(dlt, p) for p in dl_parts], timeout=15))
+        starts = resolve_offsets(letters, dlt, dl_parts, from_)
+        ends = resolve_offsets(letters, dlt, dl_parts, to)
+        clean, recorded = True, {}
+        for tp in committed:
+            if tp.offset >= 0:
+                starts[tp.partition] = max(starts[tp.partition], tp.offset)
+            c, e = decode_progress(tp.metadata)
+            if not c:
+                clean = False
+                for t, ps in e.items():
+                    for p, o in ps.items():
+                        recorded.setdefault(t, {})[p] = min(o, recorded.get(t, {}).get(p, o))
+
+        # What an earlier, killed run of this job re-published after its last commit.
+        replayed: set[str] = set()
+        if not clean:
+            now_ends = origin_ends()
+
+            def remember(msg) -> None:  # noqa: ANN001
+                h = parse_headers(msg.headers())
+                if h.get(HEADER_REPLAYED_FROM, "").startswith(f"{dlt}/"):
+                    replayed.add(h[HEADER_REPLAYED_FROM])
+                    if HEADER_REPLAYED_ORIGIN in h:
+                        replayed.add(h[HEADER_REPLAYED_ORIGIN])
+
+            scan = {(t, p): (o, now_ends[t][p]) for t, ps in recorded.items() for p, o in ps.items() if t in now_ends}
+            _read_ranges(scanner, scan, remember, timeout_s=timeout_s)
+            report["recovered"] = sum(1 for c in replayed if c.startswith(f"{dlt}/"))
+
+        def commit(positions: dict[int, int], *, done: bool) -> None:
+            meta = encode_progress(clean=done, origin_ends={} if done else origin_ends())
+            offsets = [TopicPartition(dlt, p, o, metadata=meta) for p, o in positions.items()]
+            _retrying(lambda: letters.commit(offsets=offsets, asynchronous=False))
+
+        if dry_run:
+            producer = None
+        else:
+            producer = Producer({**PublisherConfig(
+                bootstrap=bootstrap, topics=settings.topics, client_config=settings.kafka_client_config,
+                compression=settings.publish_compression, max_message_bytes=settings.max_message_bytes,
+                client_id="sop-replay-deadletter").librdkafka()})
+            # Before anything is published: the job is unclean from here, and the origin ends bound the scan.
+            commit(starts, done=False)
+        failures: list[str] = []
+
+        def delivered(err, msg) -> None:  # noqa: ANN001
+            if err is not None:
+                failures.append(f"{msg.topic()}: {err}")
+
+        def handle(msg) -> None:  # noqa: ANN001
+            report["letters"] += 1
+            h = parse_headers(msg.headers())
+            letter = coordinate(dlt, msg.partition(), msg.offset())
+            topic, why = decide_letter(h, letter, reasons=reason_set, data_topics=data_topics, replayed=replayed)
+            if topic is None:
+                report["skipped"][why] = report["skipped"].get(why, 0) + 1
+                return
+            origin = coordinate(topic, h.get("sop.origin.partition", "?"), h.get("sop.origin.offset", "?"))
+            replayed.update((letter, origin))
+            report["republished"] += 1
+            if producer is None:
+                return
+            kwargs = {}
+            ts = origin_timestamp_ms(h)
+            if ts is not None:
+                kwargs["timestamp"] = ts
+            while True:
+                try:
+                    producer.produce(topic, msg.value(), msg.key(), on_delivery=delivered,
+                                     headers=[(HEADER_REPLAYED_FROM, letter.encode()),
+                                              (HEADER_REPLAYED_ORIGIN, origin.encode())], **kwargs)
+                    break
+                except BufferError:
+                    producer.poll(0.1)
+
+        def after_batch(positions: dict[tuple[str, int], int]) -> None:
+            if producer is not None:
+                remaining = producer.flush(120)
+                if remaining or failures:
+                    raise click.ClickException(f"{remaining} re-published message(s) undelivered, "
+                                               f"{len(failures)} failed (first: {failures[:1]}); nothing committed "
+                                               f"past them: run the replay again")
+            if on_batch is not None:
+                on_batch(dict(report))
+            if producer is not None:
+                commit({p: o for (_, p), o in positions.items()}, done=False)
+
+        _read_ranges(letters, {(dlt, p): (starts[p], ends[p]) for p in dl_parts}, handle,
+                     timeout_s=max(1.0, timeout_s - (time.monotonic() - t0)), batch=batch, after_batch=after_batch)
+        if producer is not None:
+            final = {p: max(starts[p], ends[p]) for p in dl_parts}
+            for tp in _retrying(lambda: letters.committed([TopicPartition(dlt, p) for p in dl_parts], timeout=15)):
+                final[tp.partition] = max(final[tp.partition], tp.offset)
+            commit(final, done=True)
+    finally:
+        letters.close()
+        scanner.close()
+    report["elapsed_s"] = time.monotonic() - t0
+    return report
