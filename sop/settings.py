@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -57,6 +58,17 @@ class Settings(BaseSettings):
     processor_abort_timeout_s: float = Field(120.0, gt=0)
     processor_chunk_steps: int = Field(256, ge=1)  # steps of one episode per changelog entry of the step store
     processor_chunk_age_s: float = Field(5.0, gt=0)  # steps held in memory only for at most about this long
+    # Validation at the edge (consumers/validation.py): what a step of each task must look like, and the limits
+    processor_task_contracts: str | None = Field(None, description=(
+        "Task contracts: JSON text or the path of a JSON file, {task: {action_dim, proprio_dim, cameras: {name: "
+        "[width, height]}, encodings: [jpeg, png]}}; unset = the simulated suite's (sop.contracts.sim_contracts)."))
+    processor_unknown_tasks: Literal["accept", "reject"] = Field(
+        "accept", description="Events of a task without a contract: accept with the generic checks, or reject.")
+    processor_full_image_decode: bool = Field(False, description="Also fully decode every image (slow; off = structure only).")
+    processor_max_steps: int = Field(10_000, ge=1, description="Largest episode length / step index an event may carry.")
+    processor_clock_skew_future_s: float = Field(60.0, ge=0, description="How far ahead of the processor's clock an event may be.")
+    processor_clock_skew_past_s: float = Field(
+        7 * 86400.0, ge=0, description="How far behind the processor's clock an event may be; 0 = no bound (replays).")
 
     # RECAP rewards (computed by the processor at episode close)
     max_episode_steps: int = Field(150, ge=1, le=500, description="Episode cap; also the per-task return normaliser.")
@@ -73,6 +85,16 @@ class Settings(BaseSettings):
         allowed = {"none", "gzip", "snappy", "lz4", "zstd"}
         if v not in allowed:
             raise ValueError(f"must be one of {sorted(allowed)}")
+        return v
+
+    @field_validator("processor_task_contracts")
+    @classmethod
+    def _task_contracts(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        from consumers.validation import parse_task_contracts
+
+        parse_task_contracts(v)  # fails at start, naming the problem; sop.contracts parses it again for use
         return v
 
     @field_validator("topic_prefix")
