@@ -4,6 +4,10 @@ of them (``EpisodeEvent``, ``Step``, ``InterventionEvent``) to an ``EventSink``.
 Owns the record shapes an actor produces, the episode life cycle (STARTED, one Step per step,
 interventions paired STARTED/ENDED, ENDED with an outcome even when stopped or failing), the
 switch of policy versions between episodes, and real-time pacing.
+
+``hold`` (optional, e.g. ``EventPublisher.wait_for_room``) is called before every step with the stop
+event: it blocks while the sink cannot take more (the publisher's spool is full and Kafka is away), so
+the robot pauses between steps, or raises to end the episode ABORTED and stop the actor.
 """
 
 from __future__ import annotations
@@ -181,6 +185,7 @@ def run_episode(
     instruction: str | None = None,
     stop: threading.Event | None = None,
     pacer: RatePacer | None = None,
+    hold: Callable[[threading.Event | None], None] | None = None,
 ) -> EpisodeStats:
     """Run one episode and publish all its records (see :mod:`producers.interfaces` for the loop).
 
@@ -211,6 +216,10 @@ def run_episode(
         pacer.restart()
     try:
         while stop is None or not stop.is_set():
+            if hold is not None:
+                hold(stop)  # a full spool pauses the robot here, between steps
+                if stop is not None and stop.is_set():
+                    break
             proposed = np.asarray(policy.act(obs), dtype=np.float32)
             action = proposed
             if operator is not None:
@@ -303,6 +312,7 @@ class Actor:
         *,
         stop_event: threading.Event | None = None,
         on_episode: Callable[[EpisodeStats], None] | None = None,
+        hold: Callable[[threading.Event | None], None] | None = None,
     ) -> None:
         if not robots:
             raise ValueError("Actor needs at least one robot")
@@ -313,6 +323,7 @@ class Actor:
         self.config = config
         self.stop_event = stop_event or threading.Event()
         self.on_episode = on_episode
+        self.hold = hold
         self.history: list[EpisodeStats] = []
         self._run_id = uuid.uuid4().hex[:8]
         self._pacer = RatePacer(config.control_hz) if config.control_hz else None
@@ -346,6 +357,7 @@ class Actor:
                     jpeg_quality=self.config.jpeg_quality,
                     stop=self.stop_event,
                     pacer=self._pacer,
+                    hold=self.hold,
                 )
                 self.history.append(stats)
                 done.append(stats)
