@@ -320,9 +320,20 @@ class BadImage(ValueError):
     """Bytes that are not a well-formed image of the claimed encoding."""
 
 
-_SOF_SUPPORTED = frozenset({0xC0, 0xC1, 0xC2})  # baseline, extended sequential, progressive (Huffman): what PIL reads
-_SOF_OTHER = frozenset({0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})  # lossless / hierarchical / arithmetic
-_STANDALONE = frozenset({0x01, 0xD0, 0xD1, 0xD2, 0xD3, 0xD4, 0xD5, 0xD6, 0xD7})  # TEM, RST0-7: no length field
+# What each marker byte after 0xFF is, looked up once per segment (the walk is the edge's hottest loop).
+_SEGMENT, _STANDALONE, _FILL, _BAD, _SOS, _SOF, _SOF_UNSUPPORTED = range(7)
+_MARKERS = bytearray([_SEGMENT]) * 256
+for _m in (0x01, *range(0xD0, 0xD8)):  # TEM, RST0-7: no length field
+    _MARKERS[_m] = _STANDALONE
+for _m in (0x00, 0xD8, 0xD9):  # a stuffed zero, SOI, EOI: never a header segment
+    _MARKERS[_m] = _BAD
+for _m in (0xC0, 0xC1, 0xC2):  # baseline, extended sequential, progressive (Huffman): what PIL reads
+    _MARKERS[_m] = _SOF
+for _m in (0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):  # lossless, hierarchical, arithmetic
+    _MARKERS[_m] = _SOF_UNSUPPORTED
+_MARKERS[0xFF] = _FILL
+_MARKERS[0xDA] = _SOS
+_MARKERS = bytes(_MARKERS)
 
 
 def jpeg_size(data: bytes) -> tuple[int, int]:
@@ -336,48 +347,55 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
         raise BadImage("no SOI marker at the start")
     if data[n - 2] != 0xFF or data[n - 1] != 0xD9:
         raise BadImage("no EOI marker at the end (truncated, or bytes after the image)")
+    last = n - 2  # where EOI starts: headers must end before it
     i = 2
     size: tuple[int, int] | None = None
     while True:
-        if i + 4 > n - 2:
+        if i + 4 > last:
             raise BadImage(f"segments run into the end at byte {i} before a scan (SOS)")
         if data[i] != 0xFF:
             raise BadImage(f"expected a marker at byte {i}, found 0x{data[i]:02x}")
         marker = data[i + 1]
-        if marker == 0xFF:  # fill byte before a marker
+        kind = _MARKERS[marker]
+        if kind == _SEGMENT:
+            length = (data[i + 2] << 8) | data[i + 3]
+            i += 2 + length
+            if length < 2 or i > last:
+                raise BadImage(f"segment 0xff{marker:02x} ending at byte {i} has length {length}, past the end")
+            continue
+        if kind == _FILL:
             i += 1
             continue
-        if marker in _STANDALONE:
+        if kind == _STANDALONE:
             i += 2
             continue
-        if marker == 0xD8 or marker == 0xD9 or marker == 0x00:
-            raise BadImage(f"unexpected marker 0xff{marker:02x} at byte {i}")
+        if kind in (_BAD, _SOF_UNSUPPORTED):
+            what = "unsupported JPEG process (frame marker" if kind == _SOF_UNSUPPORTED else "unexpected marker ("
+            raise BadImage(f"{what} 0xff{marker:02x} at byte {i})")
         length = (data[i + 2] << 8) | data[i + 3]
         end = i + 2 + length
-        if length < 2 or end > n - 2:
+        if length < 2 or end > last:
             raise BadImage(f"segment 0xff{marker:02x} at byte {i} has length {length}, past the end")
-        if marker == 0xDA:
+        if kind == _SOS:
             if size is None:
                 raise BadImage("a scan (SOS) before any frame header (SOF)")
-            if length < 8 or end >= n - 2:
+            if length < 8 or end >= last:
                 raise BadImage(f"scan header at byte {i} is malformed or has no scan data")
             return size
-        if marker in _SOF_SUPPORTED:
-            if size is not None:
-                raise BadImage(f"a second frame header at byte {i}")
-            if length < 11:
-                raise BadImage(f"frame header at byte {i} is too short ({length})")
-            components = data[i + 9]
-            if data[i + 4] != 8 or components not in (1, 3) or length != 8 + 3 * components:
-                raise BadImage(f"frame header at byte {i}: precision {data[i + 4]}, {components} components, "
-                               f"length {length} (need 8-bit, 1 or 3 components)")
-            height = (data[i + 5] << 8) | data[i + 6]
-            width = (data[i + 7] << 8) | data[i + 8]
-            if width == 0 or height == 0:
-                raise BadImage(f"frame header declares {width}x{height}")
-            size = (width, height)
-        elif marker in _SOF_OTHER:
-            raise BadImage(f"unsupported JPEG process (frame marker 0xff{marker:02x})")
+        # kind == _SOF
+        if size is not None:
+            raise BadImage(f"a second frame header at byte {i}")
+        if length < 11:
+            raise BadImage(f"frame header at byte {i} is too short ({length})")
+        components = data[i + 9]
+        if data[i + 4] != 8 or components not in (1, 3) or length != 8 + 3 * components:
+            raise BadImage(f"frame header at byte {i}: precision {data[i + 4]}, {components} components, "
+                           f"length {length} (need 8-bit, 1 or 3 components)")
+        height = (data[i + 5] << 8) | data[i + 6]
+        width = (data[i + 7] << 8) | data[i + 8]
+        if width == 0 or height == 0:
+            raise BadImage(f"frame header declares {width}x{height}")
+        size = (width, height)
         i = end
 
 

@@ -152,6 +152,11 @@ def _img(camera: str, width: int, height: int, encoding: str = "jpeg", data: byt
     return {"camera": camera, "encoding": encoding, "width": width, "height": height, "data": data}
 
 
+def _without_frame_header(jpeg: bytes) -> bytes:
+    sof = jpeg.index(b"\xff\xc0")
+    return jpeg[:sof] + jpeg[sof + 2 + int.from_bytes(jpeg[sof + 2:sof + 4], "big"):]
+
+
 CORNER = _img("corner", 40, 48)
 WRIST = _img("wrist", 32, 24)
 
@@ -171,6 +176,7 @@ WRIST = _img("wrist", 32, 24)
     ([CORNER, {**WRIST, "data": b"\xff\xd8" + b"\x00" * 100 + b"\xff\xd9"}], r"not a valid jpeg"),
     ([CORNER, {**WRIST, "data": _image(32, 32, "jpeg")}], r"is a 32x32 jpeg but the record says 32x24"),
     ([CORNER, {**WRIST, "data": WRIST["data"].replace(b"\xff\xc0", b"\xff\xc3", 1)}], r"unsupported JPEG process"),
+    ([CORNER, {**WRIST, "data": _without_frame_header(WRIST["data"])}], r"a scan \(SOS\) before any frame header"),
     ([CORNER, {**WRIST, "data": _image(24, 32, "jpeg")}], r"is a 24x32 jpeg but the record says 32x24"),
 ])
 def test_images_must_match_the_declared_cameras_sizes_and_bytes(images: list[dict], match: str) -> None:
