@@ -200,10 +200,18 @@ class ClosedEpisode:
     episode: dict  # the row of the episodes table
 
 
+CLOSED_BY = {"complete": "end_event", "forced": "forced", "aborted": "aborted"}
+
+
 def close_episode(meta: dict, steps: Sequence[tuple[dict, str, int, int]], *, config: RewardConfig,
                   baseline: RunningBaseline, value_fn: ValueFn | None = None,
-                  value_source: str | None = None) -> ClosedEpisode:
-    """Rows for a closed episode. ``steps``: (Step record, topic, partition, offset), any order, no duplicates."""
+                  value_source: str | None = None, reason: str | None = None, late_steps: int = 0,
+                  duplicate_steps: int = 0) -> ClosedEpisode:
+    """Rows for a closed episode. ``steps``: (Step record, topic, partition, offset), any order, no duplicates.
+
+    ``reason`` (complete / forced / aborted; default from the end's ``closed_by``) and the late and duplicate
+    step counts become the episode row's data-quality columns, next to the announced and missing step counts.
+    """
     end = meta["ended"]
     ordered = sorted(steps, key=lambda s: s[0]["step_index"])
     n = len(ordered)
@@ -245,10 +253,14 @@ def close_episode(meta: dict, steps: Sequence[tuple[dict, str, int, int]], *, co
         "policy_version": started.get("policy_version") or end["policy_version"],
         "policy_versions": list(meta["versions"]) or [end["policy_version"]],
         "outcome": outcome, "num_steps": n,
-        "num_interventions": sum(1 for kind, _ in interventions if kind == "STARTED"),
+        "num_interventions": sum(1 for kind, *_ in interventions if kind == "STARTED"),
         "human_steps": int(human.sum()), "mc_return": ep_return,
         "start_time": _ts(start_us), "end_time": _ts(end["event_time_us"]),
-        "seed": started.get("seed", end.get("seed")), "closed_by": end["closed_by"], "advantage_source": source,
+        "seed": started.get("seed", end.get("seed")), "advantage_source": source,
+        "closed_by": CLOSED_BY[reason] if reason else ("aborted" if end["closed_by"] == "timeout" else end["closed_by"]),
+        "announced_steps": None if end["closed_by"] == "timeout" else end["num_steps"],
+        "missing_steps": 0 if end["closed_by"] == "timeout" else max(0, end["num_steps"] - n),
+        "late_steps": late_steps, "duplicate_steps": duplicate_steps,
         "kafka_topic": end["topic"], "kafka_partition": end["partition"], "kafka_offset": end["offset"],
     }
     return ClosedEpisode(steps=step_rows, episode=episode)

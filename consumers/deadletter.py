@@ -61,13 +61,15 @@ def reason_of(error: BaseException) -> Reason:
 
 
 def deadletter_headers(
-    *, error: BaseException, topic: str, partition: int, offset: int, timestamp_ms: int | None = None,
+    *, error: BaseException | str, topic: str, partition: int, offset: int, timestamp_ms: int | None = None,
     processor: str = "", reason: Reason | None = None,
 ) -> list[tuple[str, bytes]]:
+    if reason is None:
+        reason = reason_of(error) if isinstance(error, BaseException) else Reason.PROCESSING_ERROR
     headers = [
-        (HEADER_REASON, str(reason or reason_of(error)).encode()),
+        (HEADER_REASON, str(reason).encode()),
         (HEADER_ERROR, str(error)[:4000].encode()),
-        (HEADER_ERROR_TYPE, type(error).__name__.encode()),
+        (HEADER_ERROR_TYPE, (type(error).__name__ if isinstance(error, BaseException) else str(reason)).encode()),
         (HEADER_TOPIC, topic.encode()),
         (HEADER_PARTITION, str(partition).encode()),
         (HEADER_OFFSET, str(offset).encode()),

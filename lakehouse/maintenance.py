@@ -12,7 +12,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -144,10 +144,11 @@ def small_files(table: DeltaTable, *, max_bytes: int = DEFAULT_SMALL_FILE_BYTES)
 @dataclass
 class CompactionSchedule:
     """When to compact: after ``min_small_files`` new small files, or ``max_interval_s`` after the last
-    compaction if any file was added since. Pure policy: the caller passes its own clock (``now``).
+    compaction if any file was added since. Pure policy on ONE clock, ``time.monotonic()`` seconds: pass
+    ``now`` from it everywhere (creating, asking, recording), or let :func:`maybe_compact` read it.
     """
 
-    last_compaction_at: float  # the caller's clock at start, or at the last compaction
+    last_compaction_at: float = field(default_factory=time.monotonic)  # at start, or at the last compaction
     min_small_files: int = 64
     max_interval_s: float = 900.0
     small_files_since: int = 0
@@ -163,6 +164,32 @@ class CompactionSchedule:
     def record_compaction(self, *, now: float) -> None:
         self.small_files_since = 0
         self.last_compaction_at = now
+
+
+@dataclass
+class VacuumSchedule:
+    """When to vacuum: every ``interval_s`` (monotonic clock, like :class:`CompactionSchedule`), deleting files
+    that no version within ``retention_hours`` references (None: the table's own retention, one week)."""
+
+    interval_s: float = 6 * 3600.0
+    retention_hours: float | None = None
+    last_vacuum_at: float = field(default_factory=time.monotonic)
+
+    def due(self, *, now: float) -> bool:
+        return now - self.last_vacuum_at >= self.interval_s
+
+    def record_vacuum(self, *, now: float) -> None:
+        self.last_vacuum_at = now
+
+
+def maybe_vacuum(table: DeltaTable, schedule: VacuumSchedule, *, now: float | None = None) -> list[str] | None:
+    """Vacuum ``table`` for real if ``schedule`` says it is due; the paths deleted, or None when not due."""
+    now = time.monotonic() if now is None else now
+    if not schedule.due(now=now):
+        return None
+    schedule.record_vacuum(now=now)  # a failing vacuum is retried at the next interval, not at every flush
+    return vacuum(table, retention_hours=schedule.retention_hours, dry_run=False,
+                  enforce_retention=schedule.retention_hours is None)
 
 
 def maybe_compact(

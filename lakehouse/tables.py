@@ -116,9 +116,15 @@ EPISODE_SCHEMA = pa.schema([
     _req("start_time", TIMESTAMP),
     _req("end_time", TIMESTAMP),
     _opt("seed", pa.int64()),
-    _req("closed_by", pa.string()),
+    _req("closed_by", pa.string()),  # end_event / forced (steps missing) / aborted (no end came)
     _opt("advantage_source", pa.string()),
     _req("event_date", pa.date32()),
+    # data quality: the end event's step count vs what was assembled; steps not stored with the episode
+    # (beyond the announced end, or after it closed: dead-lettered as late-step); identical copies dropped
+    _opt("announced_steps", pa.int32()),
+    _opt("missing_steps", pa.int32()),
+    _opt("late_steps", pa.int32()),
+    _opt("duplicate_steps", pa.int32()),
     *KAFKA_ORIGIN,
     _req("ingest_time", TIMESTAMP),
 ])

@@ -95,3 +95,27 @@ def test_maybe_compact_follows_the_schedule(lake: Lakehouse, steps_of: Any) -> N
         results.append(maybe_compact(lake.table("steps"), schedule, now=float(k)))
     assert [r is not None for r in results] == [False, False, True, False, False, True]
     assert len(lake.table("steps").file_uris()) == 1
+
+
+def test_the_time_trigger_fires_on_the_processor_clock() -> None:
+    # one clock for creating, asking and recording: the schedule made "now" is due max_interval_s later
+    import time
+
+    from lakehouse.maintenance import CompactionSchedule as Schedule
+
+    schedule = Schedule(min_small_files=10_000, max_interval_s=0.05)
+    schedule.record_write(files_added=1)
+    assert not schedule.due(now=time.monotonic())
+    time.sleep(0.06)
+    assert schedule.due(now=time.monotonic())
+
+
+def test_vacuum_runs_on_its_schedule(lake: Lakehouse, steps_of: Any) -> None:
+    from lakehouse.maintenance import VacuumSchedule, maybe_vacuum
+
+    table = lake.table("steps")
+    schedule = VacuumSchedule(interval_s=100.0, retention_hours=None, last_vacuum_at=0.0)
+    assert maybe_vacuum(table, schedule, now=50.0) is None
+    assert maybe_vacuum(table, schedule, now=150.0) == []  # due: ran (nothing old enough to delete)
+    assert schedule.last_vacuum_at == 150.0
+    assert maybe_vacuum(table, schedule, now=200.0) is None
