@@ -1,6 +1,7 @@
 """The learner's defences, one at a time: row checks, the quarantine counter, ring-buffer removal, the running
 normaliser, non-finite steps and non-finite registrations."""
 
+import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 import torch
 from conftest import HashEmbedder, jpeg, make_episode
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from learner import quarantine as q
 from learner import registry
@@ -232,3 +234,18 @@ def test_registration_refuses_non_finite_weights_and_the_alias_stays(tmp_path: P
         assert publishing(VLAPolicy(MODEL), 50, {"loss": 0.1}) == "2"  # a healthy one still goes through
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+@pytest.mark.parametrize(("fmt", "options"), [("JPEG", {"quality": 90}), ("JPEG", {"progressive": True}),
+                                              ("PNG", {}), ("GIF", {})])
+@pytest.mark.parametrize(("h", "w"), [(32, 32), (24, 40), (100, 7)])
+def test_image_dimensions_agree_with_pil(fmt: str, options: dict[str, Any], h: int, w: int) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(h * w).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+        buf, format=fmt, **options)
+    data = buf.getvalue()
+    expected = None if fmt == "GIF" else (w, h)  # other formats are left to PIL
+    assert q.image_dimensions(data) == expected
+    assert q.image_header_problem({"data": data}, 32) == (None if (w, h) == (32, 32) else (
+        q.IMAGE_SIZE, f"{w}x{h} image, the model expects 32x32"))
+    assert q.image_dimensions(data[:10]) is None
