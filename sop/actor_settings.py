@@ -8,13 +8,16 @@ A bad value stops the command at start with a message naming the variable to fix
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producers.images import DEFAULT_JPEG_QUALITY
 from producers.operator import OperatorConfig
 from producers.sim.tasks import DEFAULT_SUITE
+from producers.spool import SpoolConfig
 from sop.settings import SettingsError
 
 CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
@@ -40,6 +43,21 @@ class ActorSettings(BaseSettings):
     actor_status_interval_s: float = Field(0.5, gt=0, le=60, description="Refresh of the live view / status file.")
     actor_flush_timeout_s: float = Field(60.0, gt=0, description="How long shutdown waits for Kafka acks.")
 
+    # the on-disk spool of the publisher (producers/spool.py): where events wait while Kafka is unreachable
+    actor_spool: bool = Field(True, description="Spill to disk when Kafka is unreachable (false: RAM queue only).")
+    actor_spool_dir: Path | None = Field(
+        None, description="Spool directory; unset = <SOP_RUN_DIR>/spool/<actor id> (a restart with the same "
+                          "--actor-id drains it).")
+    actor_spool_max_bytes: int = Field(1 << 30, ge=1 << 20, description="Bound on the spool's files on disk.")
+    actor_spool_segment_bytes: int = Field(32 << 20, ge=4096, description="Size of one spool segment file.")
+    actor_spool_fsync: Literal["always", "interval", "never"] = Field(
+        "interval", description="fsync after every record, every SOP_ACTOR_SPOOL_FSYNC_INTERVAL_S, or never.")
+    actor_spool_fsync_interval_s: float = Field(1.0, gt=0, le=60)
+    actor_spool_when_full: Literal["pause", "fail"] = Field(
+        "pause", description="A full spool pauses the robot until there is room, or stops the actor with an error.")
+    actor_spool_after_s: float = Field(
+        30.0, gt=0, description="Spill once Kafka has acknowledged nothing for this long while messages wait.")
+
     # the simulated operator (HG-DAgger gate, see producers/operator.py)
     operator_divergence_threshold: float = 0.5
     operator_gripper_weight: float = 0.25
@@ -54,6 +72,22 @@ class ActorSettings(BaseSettings):
 
     # the fleet
     fleet_stop_grace_s: float = Field(15.0, gt=0, description="SIGTERM → SIGKILL grace when `sop fleet` stops.")
+
+    @model_validator(mode="after")
+    def _spool_bounds(self) -> ActorSettings:
+        if self.actor_spool_segment_bytes > self.actor_spool_max_bytes:
+            raise ValueError(f"SOP_ACTOR_SPOOL_SEGMENT_BYTES ({self.actor_spool_segment_bytes}) must not exceed "
+                             f"SOP_ACTOR_SPOOL_MAX_BYTES ({self.actor_spool_max_bytes})")
+        return self
+
+    def spool_config(self, run_path: Path, actor_id: str) -> SpoolConfig | None:
+        """The publisher's spool for ``actor_id`` (None when SOP_ACTOR_SPOOL=false)."""
+        if not self.actor_spool:
+            return None
+        return SpoolConfig(directory=self.actor_spool_dir or run_path / "spool" / actor_id,
+                           max_bytes=self.actor_spool_max_bytes, segment_bytes=self.actor_spool_segment_bytes,
+                           fsync=self.actor_spool_fsync, fsync_interval_s=self.actor_spool_fsync_interval_s,
+                           when_full=self.actor_spool_when_full)
 
     @field_validator("actor_cameras")
     @classmethod
@@ -109,6 +143,9 @@ def load_actor_settings(**overrides: object) -> ActorSettings:
         problems = []
         for err in exc.errors():
             name = ".".join(str(p) for p in err["loc"])
+            if not name:  # a rule across fields: its message names the variables
+                problems.append(err["msg"].removeprefix("Value error, "))
+                continue
             problems.append(f"SOP_{name.upper()}: {err['msg']} (got {err.get('input')!r})")
         raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)) from None
     settings.operator_config()  # the gate's own rules (e.g. gripper weight below the threshold)

@@ -7,6 +7,11 @@ registry alias points at (followed live), the simulated operator, every record p
 
 SIGINT/SIGTERM end the episode in progress as ABORTED, flush the publisher and report undelivered
 messages; the exit status is 1 when a message could not be delivered or the actor failed.
+
+While Kafka is unreachable the publisher spools to ``<SOP_RUN_DIR>/spool/<actor id>`` (``SOP_ACTOR_SPOOL_*``);
+the status line shows the spool, and a full spool pauses the robot between steps (state ``paused``) or,
+with ``SOP_ACTOR_SPOOL_WHEN_FULL=fail``, stops the actor with an error. What is left in the spool at exit
+is drained by the next ``sop actor`` with the same ``--actor-id``.
 """
 
 from __future__ import annotations
@@ -36,9 +41,11 @@ from sop.actor_settings import ActorSettings, load_actor_settings, parse_tasks
 from sop.settings import Settings, load_settings
 
 if TYPE_CHECKING:
+    from producers.publisher import PublisherStats
     from producers.registry_source import Refusal, RegistryPolicySource, Switch
 
 LOG = logging.getLogger("sop.actor")
+PAUSED = "paused"  # the publisher's spool is full: the robot waits between steps
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,6 +140,7 @@ def run_actor(run: ActorRun, *, settings: Settings, actor_settings: ActorSetting
     from producers.operator import GatedExpertOperator
     from producers.registry_source import NoPolicyYetError, RegistryPolicySource, RegistrySourceConfig
     from producers.sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
+    from producers.spool import SpoolError
     from sop.commands.loadgen import make_publisher
 
     stop = stop_event or threading.Event()
@@ -166,8 +174,13 @@ def run_actor(run: ActorRun, *, settings: Settings, actor_settings: ActorSetting
         _wait_for_policy(source, stop, actor_settings.actor_policy_wait_s)
         if stop.is_set():
             return ActorOutcome(monitor.status(state=DONE), 0, None)
-        publisher = make_publisher(settings, on_failure=lambda f: failures.append(f"{f.topic}: {f.error}"),
-                                   raise_on_failure=False)
+        try:
+            publisher = make_publisher(settings, on_failure=lambda f: failures.append(f"{f.topic}: {f.error}"),
+                                       raise_on_failure=False,
+                                       spool=actor_settings.spool_config(settings.run_path, run.actor_id),
+                                       spill_after_s=actor_settings.actor_spool_after_s)
+        except SpoolError as exc:
+            raise click.ClickException(str(exc)) from None
         deadline = None if run.duration_s is None else time.monotonic() + run.duration_s
 
         def on_episode(stats: EpisodeStats) -> None:
@@ -183,7 +196,7 @@ def run_actor(run: ActorRun, *, settings: Settings, actor_settings: ActorSetting
             ActorConfig(actor_id=run.actor_id, control_hz=run.control_hz, seed_start=run.seed_start,
                         seed_stride=run.seed_stride, max_episodes=run.episodes,
                         jpeg_quality=actor_settings.actor_jpeg_quality),
-            stop_event=stop, on_episode=on_episode,
+            stop_event=stop, on_episode=on_episode, hold=publisher.wait_for_room,
         )
         crashed: list[BaseException] = []
 
@@ -199,6 +212,8 @@ def run_actor(run: ActorRun, *, settings: Settings, actor_settings: ActorSetting
         def snapshot(state: str) -> ActorStatus:
             publisher.poll(0)  # serve delivery reports so the acked count is current
             stats = publisher.stats
+            if state == RUNNING and stats.paused:
+                state = PAUSED
             return monitor.status(state=state, delivered=stats.delivered, failed=stats.failed,
                                   in_flight=stats.in_flight, switches=[asdict(s) for s in source.history],
                                   refused=source.refused)
@@ -214,18 +229,23 @@ def run_actor(run: ActorRun, *, settings: Settings, actor_settings: ActorSetting
                 if run.status_file is not None:
                     status.write(run.status_file)
                 if run.show_status:
-                    live.update(status_line(status), refresh=True)
+                    live.update(status_line(status, publisher.stats), refresh=True)
         error = None
         if crashed:
             error = f"{type(crashed[0]).__name__}: {crashed[0]}"
             LOG.error("actor %s failed", run.actor_id, exc_info=crashed[0])
-        undelivered = publisher.flush(actor_settings.actor_flush_timeout_s)
+        undelivered = publisher.close(actor_settings.actor_flush_timeout_s)
         final = snapshot(FAILED if error else DONE)
         final.error = error
         if run.status_file is not None:
             final.write(run.status_file)
         for line in failures[:5]:
             console.print(f"[red]delivery failed: {line}")
+        if publisher.stats.spool_pending:
+            console.print(f"[yellow]{publisher.stats.spool_pending:,} message(s) wait in the spool "
+                          f"{publisher.spool_directory}: the next `sop actor --actor-id {run.actor_id}` drains them")
+        if publisher.stats.spool_state != "off" and (publisher.stats.spooled or publisher.stats.recovered):
+            console.print(spool_summary(publisher.stats))
         return ActorOutcome(final, undelivered, error)
     except NoPolicyYetError as exc:
         error = str(exc)
@@ -299,7 +319,7 @@ def _report_refusals(console: Console, refusals: list[Refusal], shown: int) -> i
     return len(refusals)
 
 
-def status_line(status: ActorStatus) -> Text:
+def status_line(status: ActorStatus, publisher: PublisherStats | None = None) -> Text:
     line = Text()
     line.append(f"{status.actor_id} ", style="bold")
     line.append(f"{status.state} · v{status.version or '-'} · {status.episodes} episodes · "
@@ -310,7 +330,20 @@ def status_line(status: ActorStatus) -> Text:
         line.append(f" · failed {status.failed}", style="red")
     if status.refused:
         line.append(f" · refused {sorted(status.refused)}", style="yellow")
+    if publisher is not None and publisher.paused:
+        line.append(f" · PAUSED: spool full ({publisher.spool_bytes / 2**20:,.0f} MiB), waiting for Kafka",
+                    style="bold red")
+    elif publisher is not None and publisher.spool_state in ("spooling", "draining"):
+        what = "Kafka unreachable, spooling" if publisher.spool_state == "spooling" else "draining"
+        line.append(f" · {what}: {publisher.spool_pending:,} on disk ({publisher.spool_bytes / 2**20:,.1f} of "
+                    f"{publisher.spool_max_bytes / 2**20:,.0f} MiB)", style="yellow")
     return line
+
+
+def spool_summary(stats: PublisherStats) -> str:
+    return (f"spool: {stats.spooled:,} spooled, {stats.drained:,} drained, {stats.recovered:,} recovered from an "
+            f"earlier run, {stats.spool_pending:,} left ({stats.spool_bytes / 2**20:,.1f} MiB), {stats.ambiguous:,} "
+            f"ambiguous (sent again, possibly a duplicate), {stats.spills} spill(s), paused {stats.spool_full_waits} time(s)")
 
 
 def summary(status: ActorStatus) -> str:

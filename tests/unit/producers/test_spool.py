@@ -6,14 +6,20 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
+from confluent_kafka import KafkaError
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from producer_fakes import ConstantPolicy, LineRobot
 
-from producers.spool import Spool, SpoolConfig, SpoolError, encode_record, scan
+from producers.actor import ListSink, run_episode
+from producers.publisher import EventPublisher, PublisherConfig, ambiguous_failure, spoolable
+from producers.spool import Spool, SpoolConfig, SpoolError, SpoolFullError, encode_record, scan
 
 
 def _config(directory: Path, **kw: object) -> SpoolConfig:
@@ -238,3 +244,67 @@ def test_unwritable_directory_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SpoolError, match="cannot use the spool directory"):
         Spool(_config(blocker / "spool"))
     assert os.path.isfile(blocker)
+
+
+# -- the publisher's decisions around the spool (no broker: Kafka is unreachable on purpose) -------------
+
+def test_which_failures_go_to_the_spool_and_which_are_ambiguous() -> None:
+    assert spoolable(KafkaError._MSG_TIMED_OUT, retriable=False, fatal=False)
+    assert spoolable(KafkaError._PURGE_QUEUE, retriable=False, fatal=False)
+    assert not spoolable(KafkaError.MSG_SIZE_TOO_LARGE, retriable=False, fatal=False)  # a retry cannot fix it
+    assert not spoolable(KafkaError._MSG_TIMED_OUT, retriable=True, fatal=True)
+    # produced before librdkafka said all brokers are down (or while one was up): it may have been written
+    assert ambiguous_failure(KafkaError._MSG_TIMED_OUT, produce_no=5, down_since_produce_no=None)
+    assert ambiguous_failure(KafkaError._PURGE_QUEUE, produce_no=5, down_since_produce_no=7)
+    # produced while no broker was reachable: never sent
+    assert not ambiguous_failure(KafkaError._PURGE_QUEUE, produce_no=8, down_since_produce_no=7)
+    assert ambiguous_failure(KafkaError._PURGE_INFLIGHT, produce_no=8, down_since_produce_no=7)
+    assert not ambiguous_failure(KafkaError.NOT_ENOUGH_REPLICAS, produce_no=1, down_since_produce_no=None)
+
+
+def _unreachable_publisher(tmp_path: Path, when_full: str) -> EventPublisher:
+    topics = {"Step": "s", "EpisodeEvent": "e", "InterventionEvent": "i"}
+    return EventPublisher(PublisherConfig(bootstrap="127.0.0.1:1", topics=topics, delivery_timeout_ms=2_000),
+                          spool=SpoolConfig(directory=tmp_path / "spool", segment_bytes=16 * 1024,
+                                            max_bytes=64 * 1024, fsync="never", when_full=when_full),
+                          spill_after_s=0.2, raise_on_failure=False)
+
+
+def _fill(pub: EventPublisher, topic: str = "s") -> int:
+    n = 0
+    while not pub.stats.spool_bytes >= pub.stats.spool_max_bytes:
+        pub.publish_raw(topic, b"x" * 2000, key=f"ep-{n % 3}")
+        n += 1
+        if pub.stats.spool_state == "direct":
+            time.sleep(0.01)  # until the publisher notices Kafka does not answer
+    return n
+
+
+def test_a_full_spool_pauses_the_actor_until_stopped_and_nothing_is_dropped(tmp_path: Path) -> None:
+    pub = _unreachable_publisher(tmp_path, "pause")
+    n = _fill(pub)
+    stop = threading.Event()
+    waiter = threading.Thread(target=pub.wait_for_room, args=(stop,))
+    waiter.start()
+    waiter.join(1.0)
+    assert waiter.is_alive() and pub.stats.paused  # the robot waits: no step, no record
+    stop.set()
+    waiter.join(5)
+    assert not waiter.is_alive() and not pub.stats.paused
+    pub.publish_raw("s", b"the ENDED of the episode in progress", key="ep-0")  # still fits: the headroom
+    assert pub.close(5) == 0
+    assert pub.stats.spooled == pub.stats.spool_pending == n + 1 and pub.stats.spool_full_waits == 1
+
+
+def test_a_full_spool_under_the_fail_policy_raises_a_clear_error(tmp_path: Path) -> None:
+    pub = _unreachable_publisher(tmp_path, "fail")
+    _fill(pub)
+    with pytest.raises(SpoolFullError, match="is full .* SOP_ACTOR_SPOOL_WHEN_FULL"):
+        pub.wait_for_room(None)
+    sink = ListSink()
+    with pytest.raises(SpoolFullError):
+        run_episode(LineRobot(), ConstantPolicy(), None, sink, actor_id="a", episode_id="e", seed=1,
+                    hold=pub.wait_for_room)
+    assert [(name, r["kind"]) for name, r, _ in sink.records] == [("EpisodeEvent", "STARTED"), ("EpisodeEvent", "ENDED")]
+    assert sink.of("EpisodeEvent")[-1]["outcome"] == "ABORTED"
+    pub.close(5)
