@@ -41,7 +41,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from consumers import assembly
 from consumers.assembly import CLOSED
@@ -98,8 +98,22 @@ class Outbox:
 
 # A validator beyond the codec's own rules: (record name, record, Kafka key, now in µs) -> None, or raise Rejected.
 Validator = Callable[[str, dict, "bytes | None", int], None]
-# The committed Delta watermark of (kind, partition), or None: what this group already stored.
-WatermarkSource = Callable[[Kind, int], "int | None"]
+class Committed(Protocol):
+    """What this consumer group already stored in Delta (the writers' committed state)."""
+
+    def watermark(self, kind: Kind, partition: int) -> int | None:
+        """Every message of ``kind`` at or below this offset of ``partition`` is handled; None: nothing yet."""
+
+    def is_stored(self, topic: str, partition: int, offset: int) -> bool:
+        """Whether the row originating at (topic, partition, offset) is in its table."""
+
+
+class NothingCommitted:
+    def watermark(self, kind: Kind, partition: int) -> int | None:
+        return None
+
+    def is_stored(self, topic: str, partition: int, offset: int) -> bool:
+        return False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,8 +180,10 @@ class Batch:
 
     @property
     def needs_durable_state(self) -> bool:
-        """Forced and aborted closes are decisions recorded in the meta: make that durable before writing rows."""
-        return any(c.reason != "complete" for c in self.closings)
+        """Whether the stores must be flushed (the changelog acknowledged) before this batch goes to Delta: an
+        episode in Delta whose meta (its end, a forced or aborted decision) a crash could still lose would be
+        opened again, and a later copy of one of its steps stored twice."""
+        return bool(self.closings)
 
     def watermarks(self, poisoned: Iterable[str] = ()) -> tuple[dict[int, int], dict[int, int], dict[int, int]]:
         """(steps, episodes, interventions) watermarks per partition: one below the oldest message not
@@ -210,12 +226,12 @@ class EpisodeMachine:
     """Episode assembly for the partitions this worker owns. Not thread-safe: call from one thread."""
 
     def __init__(self, config: MachineConfig, *, meta: MutableMapping[bytes, dict],
-                 chunks: MutableMapping[bytes, bytes], committed: WatermarkSource | None = None,
+                 chunks: MutableMapping[bytes, bytes], committed: Committed | None = None,
                  validator: Validator | None = None) -> None:
         self.config = config
         self.meta = meta
         self.chunks = chunks
-        self.committed_source = committed or (lambda kind, p: None)
+        self.stored = committed or NothingCommitted()
         self.validator = validator
         self.counts: Counter[str] = Counter()
         self.deadletters: Counter[str] = Counter()  # by reason
@@ -323,7 +339,7 @@ class EpisodeMachine:
         recovered chunks; the committed watermarks from Delta."""
         self.ready.add(p)
         for kind in Kind:
-            self.watermark[kind][p] = self.committed_source(kind, p)
+            self.watermark[kind][p] = self.stored.watermark(kind, p)
         for _key, m in list(self.meta.items()):
             if m.get("partition") != p:
                 continue
@@ -332,7 +348,17 @@ class EpisodeMachine:
                 self.tombstones[p][eid] = m.get("closed_at_s") or now_s
                 continue
             ep = self._track(eid, p, copy.deepcopy(m), now_s)
+            end = m.get("ended")
+            if end is not None and self.stored.is_stored(end["topic"], end["partition"], end["offset"]):
+                # written before a crash or rebalance, not yet marked closed: finish it, hold nothing for it
+                decided = m.get("closing")
+                ep.meta["stored"] = decided["stored"] if decided else [[0, end["num_steps"]]] if end["num_steps"] else []
+                ep.meta["closed_how"] = decided["reason"] if decided else "complete"
+                ep.closing = True
+                self.finish_queue[p].append(eid)
+                continue
             self._load_chunks(ep)
+        self._finish(p, now_s)
 
     def _track(self, eid: str, p: int, m: dict, now_s: float) -> Episode:
         ep = Episode(eid=eid, partition=p, meta=m, last_seen_s=now_s)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -162,10 +163,9 @@ class Shell:
             "interventions": self.lake.writer("interventions", app_id_prefix=f"{g}.{topics['InterventionEvent']}",
                                               topic=topics["InterventionEvent"]),
         }
-        by_kind = {Kind.STEP: "steps", Kind.EPISODE: "episodes", Kind.INTERVENTION: "interventions"}
-        self.machine = EpisodeMachine(
-            config.machine_config(), meta=meta, chunks=chunks, validator=config.validator,
-            committed=lambda kind, p: self.writers[by_kind[kind]].committed_offset(p))
+        self.writers_lock = threading.Lock()
+        self.machine = EpisodeMachine(config.machine_config(), meta=meta, chunks=chunks, validator=config.validator,
+                                      committed=_WritersState(self))
         self.baseline = RunningBaseline(buckets=config.reward.baseline_buckets,
                                         max_episode_length=config.reward.max_episode_length)
         self.values = RegistryValueSource(tracking_uri=config.tracking_uri, name=config.value_model_name,
@@ -191,6 +191,12 @@ class Shell:
         rows = build_rows(batch, topics=self.config.topics, reward=self.config.reward, baseline=self.baseline,
                           value_fn=self.values if label else None, value_source=label)
         steps_wm, ends_wm, inter_wm = batch.watermarks(rows.poisoned)
+        with self.writers_lock:
+            self._commit(rows, steps_wm, ends_wm, inter_wm)
+        self.maintain()
+        return rows
+
+    def _commit(self, rows: Rows, steps_wm: dict, ends_wm: dict, inter_wm: dict) -> None:
         t0 = time.monotonic()
         results = {}
         if rows.steps or steps_wm:
@@ -209,8 +215,6 @@ class Shell:
             self.metrics.commit_latency_s.append(time.monotonic() - t0)
             del self.metrics.commit_latency_s[:-2000]
         self.metrics.value_model_errors += rows.value_errors
-        self.maintain()
-        return rows
 
     def maintain(self) -> None:
         """Compaction and vacuum when due (maintenance is an optimisation: it never stops ingest)."""
@@ -235,6 +239,31 @@ class Shell:
         tmp = self.config.metrics_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(snap))
         tmp.replace(self.config.metrics_file)
+
+
+class _WritersState:
+    """What the Delta writers say is stored (read at a partition's first event after an assignment)."""
+
+    def __init__(self, shell: Shell) -> None:
+        topics = shell.config.topics
+        self.by_kind = {Kind.STEP: shell.writers["steps"], Kind.EPISODE: shell.writers["episodes"],
+                        Kind.INTERVENTION: shell.writers["interventions"]}
+        self.by_topic = {topics["Step"]: shell.writers["steps"], topics["EpisodeEvent"]: shell.writers["episodes"],
+                         topics["InterventionEvent"]: shell.writers["interventions"],
+                         shell.config.control_topic: shell.writers["aborted"]}
+
+        self.lock = shell.writers_lock  # the flush thread writes through the same table handles
+
+    def watermark(self, kind: Kind, partition: int) -> int | None:
+        with self.lock:
+            return self.by_kind[kind].committed_offset(partition)
+
+    def is_stored(self, topic: str, partition: int, offset: int) -> bool:
+        writer = self.by_topic.get(topic)
+        if writer is None:
+            return False
+        with self.lock:
+            return writer.is_committed(partition, offset)
 
 
 def build_app(config: ProcessorConfig) -> tuple[faust.App, Shell]:
@@ -375,7 +404,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Shell]:
             if batch.empty and not (batch.step_marks or batch.end_marks):
                 shell.write_metrics()
                 return
-            if batch.needs_durable_state:  # forced/aborted decisions are in the meta: make them durable first
+            if batch.needs_durable_state:  # the closing episodes' metas durable before their rows are in Delta
                 await app.producer.flush()
             loop = asyncio.get_running_loop()
             try:

@@ -31,6 +31,15 @@ INSTRUCTIONS = {
 }
 
 
+# The simulated fleet's camera names (MetaWorld's), so load-generated steps pass the processor's default task
+# contracts: ``--cameras 3`` sends corner, corner2, corner3 (set SOP_ACTOR_CAMERAS for the processor to match).
+SIM_CAMERAS = ("corner", "corner2", "corner3", "topview", "behindGripper", "gripperPOV")
+
+
+def camera_name(c: int) -> str:
+    return SIM_CAMERAS[c] if c < len(SIM_CAMERAS) else f"camera{c}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class LoadGenConfig:
     robots: int = 4
@@ -154,7 +163,7 @@ class _RobotStream:
             out.append(("InterventionEvent", {**base, "kind": "ENDED", "step_index": i, "event_time_us": now,
                                               "operator_id": "loadgen-operator", "reason": "on-track"}))
         proposed = self.rng.uniform(-1, 1, cfg.action_dim).astype(np.float32).tolist()
-        images = [{"camera": f"cam{c}", "encoding": "jpeg", "width": cfg.image_size, "height": cfg.image_size,
+        images = [{"camera": camera_name(c), "encoding": "jpeg", "width": cfg.image_size, "height": cfg.image_size,
                    "data": self.pool[int(self.rng.integers(len(self.pool)))]} for c in range(cfg.cameras)]
         if cfg.capture_times:  # exposed 15-35 ms before the action, cameras a little apart
             for img in images:

@@ -24,7 +24,17 @@ def processor_config(settings: Settings, **overrides: object):  # noqa: ANN201 -
         raise click.ClickException(f"topics {missing} do not exist on {bootstrap}: run `sop up` first")
     if len(set(counts.values())) != 1:
         raise click.ClickException(f"the topics must have the same number of partitions (co-partitioned by episode): {counts}")
+    from consumers.validation import validate_record
+    from sop.actor_settings import load_actor_settings
+    from sop.contracts import processor_validation
+
+    contracts, skew = processor_validation(settings, load_actor_settings())
+
+    def validator(name: str, record: dict, key: bytes | None, now_us: int) -> None:
+        validate_record(name, record, key=key, contracts=contracts, now_us=now_us, skew=skew)
+
     kwargs = dict(
+        validator=validator,
         bootstrap=bootstrap, topics=settings.topics, partitions=next(iter(counts.values())),
         lake_root=settings.lake_root, lake_storage_options=settings.lake_storage_options,
         group_id=settings.processor_group, datadir=settings.run_path / "processor",

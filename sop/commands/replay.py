@@ -107,7 +107,8 @@ def replay_into(settings: Settings, *, into: str, from_: str = "beginning", to: 
     stop_file = Path(tempfile.mkstemp(prefix="sop-replay-stop-", suffix=".json")[1])
     stop_file.write_text(json.dumps(ends))
     env = {**os.environ, "SOP_PROCESSOR_GROUP": group, "SOP_LAKE_URI": str(into),
-           "SOP_PROCESSOR_ABORT_TIMEOUT_S": str(max(timeout_s, 3600)), "SOP_KAFKA_BOOTSTRAP": bootstrap}
+           "SOP_PROCESSOR_ABORT_TIMEOUT_S": str(max(timeout_s, 3600)), "SOP_KAFKA_BOOTSTRAP": bootstrap,
+           "SOP_PROCESSOR_CLOCK_SKEW_PAST_S": "0"}  # history is old by definition: no past bound on event times
     if c_fail is not None:
         env["SOP_RECAP_C_FAIL"] = str(c_fail)
     if advantage_horizon is not None:

@@ -73,7 +73,7 @@ def test_aborted_episode_is_truncated_not_failed() -> None:
     assert meta["ended"]["num_steps"] == 3
     closed = _close(meta, 3, cfg)
     assert [r["reward"] for r in closed.steps] == [-1, -1, -1]
-    assert closed.episode["closed_by"] == "timeout" and closed.episode["outcome"] == "ABORTED"
+    assert closed.episode["closed_by"] == "aborted" and closed.episode["outcome"] == "ABORTED"
 
 
 def test_value_model_values_are_used_for_the_n_step_advantage() -> None:

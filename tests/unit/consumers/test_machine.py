@@ -201,7 +201,7 @@ def scenarios(draw: st.DrawFn) -> dict:
                                      min_size=10, max_size=120))}
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_every_event_ends_stored_dead_lettered_or_counted_exactly_once(sc: dict) -> None:
     rng = random.Random(sc["seed"])

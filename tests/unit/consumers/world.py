@@ -145,8 +145,7 @@ class World:
         if fresh:
             self.meta = LoggedStore(self.store_log, "meta")
             self.chunks = LoggedStore(self.store_log, "chunks")
-        self.machine = EpisodeMachine(self.config, meta=self.meta, chunks=self.chunks,
-                                      committed=lambda kind, p: self.tables[_table(kind)].watermarks.get(p))
+        self.machine = EpisodeMachine(self.config, meta=self.meta, chunks=self.chunks, committed=_Committed(self))
         self.machine.assign(range(self.partitions))
 
     def deliverable(self) -> list[tuple[Kind, int]]:
@@ -272,6 +271,20 @@ class World:
             self.flush_done()
             self.deliver_letters()
             self.commit()
+
+
+class _Committed:
+    def __init__(self, world: World) -> None:
+        self.world = world
+
+    def watermark(self, kind: Kind, partition: int) -> int | None:
+        return self.world.tables[_table(kind)].watermarks.get(partition)
+
+    def is_stored(self, topic: str, partition: int, offset: int) -> bool:
+        table = self.world.tables["aborted" if topic == "control" else _table(Kind(next(
+            k for k, v in TOPICS.items() if v == topic)))]
+        wm = table.watermarks.get(partition)
+        return (wm is not None and offset <= wm) or (partition, offset) in table.rows
 
 
 def _table(kind: Kind) -> str:
