@@ -9,15 +9,19 @@ writer schema by its fingerprint and reads with the current reader schema.
     from schemas import codec
     data = codec.encode("Step", step)          # bytes for Kafka
     name, record = codec.decode(data)          # ("Step", {...}) in the current schema
+    old = codec.Codec(known_versions=["v1"])   # a consumer/producer of release v1 (SOP_CODEC_KNOWN_VERSIONS=v1)
 """
 
 from schemas.codec import (
+    Codec,
     CorruptMessageError,
     DecodeError,
     InvalidMessageError,
     UnknownSchemaError,
     decode,
     encode,
+    released_versions,
+    restrict_to,
     validate,
 )
 from schemas.records import RECORD_NAMES, TOPIC_OF_RECORD
@@ -25,11 +29,14 @@ from schemas.records import RECORD_NAMES, TOPIC_OF_RECORD
 __all__ = [
     "RECORD_NAMES",
     "TOPIC_OF_RECORD",
+    "Codec",
     "CorruptMessageError",
     "DecodeError",
     "InvalidMessageError",
     "UnknownSchemaError",
     "decode",
     "encode",
+    "released_versions",
+    "restrict_to",
     "validate",
 ]
