@@ -72,6 +72,18 @@ def command() -> None:
         table.add_row(f"processor {group} {worker}", state,
                       f"{m.get('steps_per_s', 0):,.0f} steps/s · {m.get('episodes_closed', 0)} episodes · "
                       f"{m.get('deadletters', 0)} dead letters · {lat}")
+        by_reason = m.get("deadletters_by_reason") or {}
+        if by_reason:
+            table.add_row("  dead letters", f"{sum(by_reason.values()):,}",
+                          " · ".join(f"{r} {n:,}" for r, n in sorted(by_reason.items())))
+        counted = {k: v for k, v in (m.get("counted") or {}).items() if v}
+        if counted:
+            table.add_row("  counted, not stored", f"{sum(counted.values()):,}",
+                          " · ".join(f"{k} {n:,}" for k, n in sorted(counted.items())))
+        quality = [f"{k.removeprefix('episodes_')} {m[k]:,}" for k in ("episodes_forced", "episodes_aborted",
+                                                                      "episodes_poisoned") if m.get(k)]
+        if quality:
+            table.add_row("  episodes not closed by their end", "", " · ".join(quality))
         if bootstrap and state == "running":
             for topic, parts in partition_lag(bootstrap, group, settings).items():
                 table.add_row(f"  lag {topic}", f"{sum(parts.values()):,}",
