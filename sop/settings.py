@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     processor_abort_timeout_s: float = Field(120.0, gt=0)
     processor_chunk_steps: int = Field(256, ge=1)  # steps of one episode per changelog entry of the step store
     processor_chunk_age_s: float = Field(5.0, gt=0)  # steps held in memory only for at most about this long
+    processor_vacuum_interval_s: float = Field(6 * 3600.0, gt=0, description="How often the processor vacuums the tables.")
+    processor_vacuum_retention_hours: float | None = Field(
+        None, ge=0, description="Files older than this no version references are deleted; unset = the tables' (7 days).")
     # Validation at the edge (consumers/validation.py): what a step of each task must look like, and the limits
     processor_task_contracts: str | None = Field(None, description=(
         "Task contracts: JSON text or the path of a JSON file, {task: {action_dim, proprio_dim, cameras: {name: "

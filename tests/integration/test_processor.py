@@ -9,7 +9,7 @@ import time
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from consumers.deadletter import HEADER_OFFSET, HEADER_TOPIC, parse_headers
+from consumers.deadletter import HEADER_OFFSET, HEADER_REASON, HEADER_TOPIC, parse_headers
 from lakehouse import Lakehouse, query
 from producers.loadgen import LoadGenConfig, iter_fleet, run_loadgen
 from producers.publisher import EventPublisher, PublisherConfig
@@ -18,6 +18,7 @@ from tests.integration.processing import ProcessorProcess, count, wait_for
 EPISODES = "SELECT count(*) FROM episodes"
 STEPS = "SELECT count(*) FROM steps"
 DUPLICATE_STEPS = "SELECT count(*) FROM (SELECT episode_id, step_index FROM steps GROUP BY 1, 2 HAVING count(*) > 1)"
+INTERVENTIONS = "SELECT count(*) FROM interventions WHERE kind = 'STARTED'"
 DUPLICATE_EPISODES = "SELECT count(*) FROM (SELECT episode_id FROM episodes GROUP BY 1 HAVING count(*) > 1)"
 
 
@@ -75,8 +76,9 @@ def test_sigkill_mid_stream_still_exactly_once(kafka, topics, tmp_path, chunk_st
             proc.start()
         publisher.join()
         report = result["report"]
-        wait_for(lambda: count(lake, EPISODES) >= report.episodes and count(lake, STEPS) >= report.steps,
-                 timeout_s=240, processor=proc)
+        # interventions are written on their own (not with their episode): wait for them too
+        wait_for(lambda: count(lake, EPISODES) >= report.episodes and count(lake, STEPS) >= report.steps
+                 and count(lake, INTERVENTIONS) >= report.interventions, timeout_s=240, processor=proc)
         time.sleep(3)
         assert count(lake, EPISODES) == report.episodes
         assert count(lake, STEPS) == report.steps
@@ -145,6 +147,7 @@ def test_poisoned_message_is_dead_lettered_and_the_partition_keeps_moving(kafka,
     assert letter is not None and letter.value() == b"\x00\x01 definitely not avro"
     headers = parse_headers(letter.headers())
     assert headers[HEADER_TOPIC] == topics["Step"] and headers[HEADER_OFFSET].isdigit()
+    assert headers[HEADER_REASON] == "corrupt"
 
 
 def test_episode_without_end_is_stored_as_aborted(kafka, topics, tmp_path) -> None:
@@ -162,7 +165,7 @@ def test_episode_without_end_is_stored_as_aborted(kafka, topics, tmp_path) -> No
     finally:
         proc.stop()
     row = query(Lakehouse(str(lake)), "SELECT outcome, closed_by, num_steps FROM episodes").to_pylist()
-    assert row == [{"outcome": "ABORTED", "closed_by": "timeout", "num_steps": 8}]
+    assert row == [{"outcome": "ABORTED", "closed_by": "aborted", "num_steps": 8}]
     assert count(lake, "SELECT count(*) FROM steps WHERE outcome = 'ABORTED'") == 8
 
 
@@ -194,3 +197,82 @@ def test_two_workers_in_one_group_split_the_partitions_exactly_once(kafka, tmp_p
     finally:
         first.stop()
         second.stop()
+
+
+def _letters(kafka, topic: str, *, expect: int, timeout_s: float = 60) -> list:
+    dlq = Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": f"dlq-{time.time()}",
+                    "auto.offset.reset": "earliest"})
+    dlq.subscribe([topic])
+    out, deadline = [], time.monotonic() + timeout_s
+    while len(out) < expect and time.monotonic() < deadline:
+        m = dlq.poll(0.5)
+        if m is not None and not m.error():
+            out.append(parse_headers(m.headers()))
+    dlq.close()
+    return out
+
+
+def test_one_poison_episode_among_fifty_in_one_partition(kafka, tmp_path) -> None:
+    # every step of one episode carries NaN proprio: its steps are dead-lettered (invalid-value), its end closes
+    # it with what arrived (nothing), and the 50 healthy episodes of the same partition are all stored
+    import math
+
+    from tests.conftest import make_topics
+
+    topics = make_topics(kafka.bootstrap, partitions=1)
+    records = list(iter_fleet(LoadGenConfig(robots=3, hz=0, duration_s=None, episodes=51, min_steps=5,
+                                            max_steps=12, seed=9)))
+    poison = records[0][1]["episode_id"]
+    with EventPublisher(PublisherConfig(bootstrap=kafka.bootstrap, topics=topics)) as pub:
+        for name, rec in records:
+            if name == "Step" and rec["episode_id"] == poison:
+                rec = {**rec, "proprio": [math.nan, *rec["proprio"][1:]]}  # encodes; decoding refuses it
+            pub.publish(name, rec, key=rec["episode_id"])
+    poisoned_steps = sum(1 for n, r in records if n == "Step" and r["episode_id"] == poison)
+    healthy_steps = sum(1 for n, r in records if n == "Step" and r["episode_id"] != poison)
+    lake = tmp_path / "lake"
+    proc = ProcessorProcess(bootstrap=kafka.bootstrap, topics=topics, run_dir=tmp_path, lake=lake,
+                            processor_end_grace_s=3).start()
+    try:
+        wait_for(lambda: count(lake, EPISODES) >= 51, timeout_s=180, processor=proc)
+        assert count(lake, STEPS) == healthy_steps
+        assert count(lake, f"SELECT count(*) FROM episodes WHERE episode_id <> '{poison}' AND closed_by = 'end_event'") == 50
+        assert count(lake, f"SELECT missing_steps FROM episodes WHERE episode_id = '{poison}'") == poisoned_steps
+    finally:
+        proc.stop()
+    letters = _letters(kafka, topics["deadletter"], expect=poisoned_steps)
+    assert len(letters) == poisoned_steps and {h[HEADER_REASON] for h in letters} == {"invalid-value"}
+
+
+def test_a_killed_worker_s_partitions_are_taken_over_exactly_once(kafka, tmp_path) -> None:
+    # two workers in one group; one is SIGKILLed mid-stream and never comes back: the other is assigned its
+    # partitions (revoke -> re-assign), rebuilds their state from the changelog and stores everything once
+    from tests.conftest import make_topics
+
+    topics = make_topics(kafka.bootstrap, partitions=4)
+    lake = tmp_path / "lake"
+    group = "takeover"
+    survivor = ProcessorProcess(bootstrap=kafka.bootstrap, topics=topics, run_dir=tmp_path / "w1", lake=lake,
+                                group=group, processor_chunk_steps=8, processor_chunk_age_s=0.5).start()
+    victim = ProcessorProcess(bootstrap=kafka.bootstrap, topics=topics, run_dir=tmp_path / "w2", lake=lake,
+                              group=group, processor_chunk_steps=8, processor_chunk_age_s=0.5).start()
+    cfg = LoadGenConfig(robots=8, hz=40, duration_s=20, seed=12, min_steps=20, max_steps=60, intervention_rate=0.4)
+    result = {}
+    publisher = threading.Thread(target=lambda: result.update(report=_publish(kafka, topics, cfg)))
+    try:
+        time.sleep(8)  # both joined
+        publisher.start()
+        time.sleep(9)
+        victim.kill()
+        publisher.join()
+        report = result["report"]
+        wait_for(lambda: count(lake, EPISODES) >= report.episodes and count(lake, STEPS) >= report.steps
+                 and count(lake, INTERVENTIONS) >= report.interventions, timeout_s=240, processor=survivor)
+        time.sleep(3)
+        assert count(lake, EPISODES) == report.episodes
+        assert count(lake, STEPS) == report.steps
+        assert count(lake, DUPLICATE_STEPS) == 0 and count(lake, DUPLICATE_EPISODES) == 0
+        assert count(lake, INTERVENTIONS) == report.interventions
+    finally:
+        survivor.stop()
+        victim.stop()
