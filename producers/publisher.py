@@ -370,6 +370,10 @@ class EventPublisher:
                     self._direct_in_flight += 1
                     self.stats.produced += 1
                     self.stats.bytes_produced += len(value)
+                    self._since_poll += 1
+                    if self._since_poll < 256:
+                        return
+                    self._since_poll = 0
                     break
             # back-pressure: the pump serves delivery reports (and spills if Kafka stopped answering)
             self.stats.backpressure_waits += 1
@@ -379,6 +383,16 @@ class EventPublisher:
                 raise BackpressureTimeout(f"local queue full for {self.config.max_block_s:.0f}s: "
                                           f"is Kafka at {self.config.bootstrap} up?")
             time.sleep(0.02)
+        self._serve_reports()
+
+    def _serve_reports(self) -> None:
+        """Serve delivery reports from the publishing thread too (as without a spool): handing them all to
+        the pump thread costs a thread switch per batch."""
+        if self._poll_lock.acquire(blocking=False):
+            try:
+                self._producer.poll(0)
+            finally:
+                self._poll_lock.release()
 
     def _append_new(self, topic: str, value: bytes, key: str | None, headers: list | None, ts: int) -> None:
         """A new event while the spool is in use: behind the spooled ones (under _lock)."""
