@@ -40,7 +40,7 @@ def _fleets_at_once(kafka, topics, *, episodes: int) -> tuple[LoadGenReport, Loa
         "v1": LoadGenConfig(robots=2, hz=60, duration_s=None, episodes=episodes, seed=31, min_steps=5, max_steps=30,
                             intervention_rate=0.5, run_id=f"v1{uuid.uuid4().hex[:6]}"),
         "v2": LoadGenConfig(robots=2, hz=60, duration_s=None, episodes=episodes, seed=32, min_steps=5, max_steps=30,
-                            intervention_rate=0.5, cameras=2, capture_times=True, run_id=f"v2{uuid.uuid4().hex[:6]}"),
+                            intervention_rate=0.5, capture_times=True, run_id=f"v2{uuid.uuid4().hex[:6]}"),
     }
     writers = {"v1": codec.Codec(known_versions=["v1"]), "v2": codec.Codec()}
     reports: dict[str, LoadGenReport] = {}
@@ -105,7 +105,7 @@ def test_v1_and_v2_producers_at_once_every_row_is_stored(kafka, topics, tmp_path
     lh = Lakehouse(str(lake))
     with_time = query(lh, "SELECT count(*) FROM (SELECT unnest(images) AS i FROM steps) "
                           "WHERE i.capture_time_us IS NOT NULL").column(0)[0].as_py()
-    assert with_time == 2 * v2.steps  # two cameras per v2 step, none from v1
+    assert with_time == v2.steps  # one camera per v2 step (the default task contracts), none from v1
 
 
 def test_old_processor_deadletters_v2_and_replay_restores_them_exactly_once(kafka, topics, tmp_path,
