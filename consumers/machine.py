@@ -125,6 +125,9 @@ class MachineConfig:
     end_grace_s: float = 15.0
     abort_timeout_s: float = 120.0
     tombstone_ttl_s: float = 3600.0
+    # an episode some of whose steps were dead-lettered as unknown-schema (a fleet upgraded before its processor)
+    # is neither forced nor aborted for this long: `sop replay deadletter` after the upgrade completes it
+    unknown_schema_hold_s: float = 7 * 86400.0
     stop_offsets: dict[str, dict[int, int]] | None = None  # replay: topic -> partition -> first offset not to take
 
 
@@ -313,8 +316,22 @@ class EpisodeMachine:
                 self.validator(name, record, msg.key, int(now_s * 1e6))
         except (codec.DecodeError, Rejected) as exc:
             self._dead_letter(msg, reason_of(exc), str(exc))
+            if isinstance(exc, codec.UnknownSchemaError) and msg.kind == Kind.STEP and msg.key:
+                self._hold_for_unknown_schema(msg.key.decode(errors="replace"), msg, now_s)
             return None
         return record
+
+    def _hold_for_unknown_schema(self, eid: str, msg: Inbound, now_s: float) -> None:
+        ep = self.open.get(eid)
+        if ep is None:
+            m = self.meta.get(eid.encode())
+            if m is not None:
+                return  # already stored: the replayed step will be a late step
+            m = assembly.new_meta(eid, msg.partition, now_s)
+            ep = self._track(eid, msg.partition, m, now_s)
+        ep.meta["unknown_schema"] = ep.meta.get("unknown_schema", 0) + 1
+        ep.meta.setdefault("unknown_schema_since_s", now_s)
+        self._save(ep)
 
     def _dead_letter(self, msg: Inbound, reason: Reason, error: str) -> None:
         self.deadletters[reason] += 1
@@ -433,6 +450,9 @@ class EpisodeMachine:
             self._dead_letter(msg, Reason.LATE_STEP, f"step {index} of {ep.eid} arrived {what}")
             return
         self.counts["steps_in"] += 1
+        if ep.meta.get("unknown_schema"):  # one of the dead-lettered steps, re-published, most likely
+            ep.meta["unknown_schema"] -= 1
+            self._save(ep)
         ep.records[index] = (msg.offset, step, msg.value)
         if not ep.unchunked:
             ep.waiting_since_s = now_s
@@ -612,6 +632,10 @@ class EpisodeMachine:
                 if ep.unchunked and now_s - ep.waiting_since_s >= cfg.chunk_age_s:
                     self._write_chunk(ep)
                 silent = now_s - ep.last_seen_s
+                if ep.meta.get("unknown_schema") and now_s - ep.meta["unknown_schema_since_s"] < cfg.unknown_schema_hold_s:
+                    if ep.meta["ended"] is not None and self._complete(ep):
+                        self._close(ep, reason="complete")
+                    continue  # waiting for its dead-lettered steps to be re-published by a processor that reads them
                 if ep.meta["ended"] is not None:
                     if self._complete(ep):
                         self._close(ep, reason="complete")

@@ -53,6 +53,7 @@ CAMERA_IMAGE = pa.struct([
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
     pa.field("data", pa.binary()),
+    pa.field("capture_time_us", pa.int64()),  # Step v2: when the frame was exposed; null from v1 producers
 ])
 IMAGES = pa.list_(pa.field("element", CAMERA_IMAGE))
 
@@ -338,12 +339,39 @@ def time_travel(table: DeltaTable, as_of: int | str | datetime) -> None:
         ) from exc
 
 
-def _schema_drift(spec: TableSpec, existing: pa.Schema) -> tuple[list[pa.Field], list[str]]:
-    """Columns to add to an existing table, and columns whose type differs (not fixable automatically)."""
+def _widens(old: pa.DataType, new: pa.DataType) -> bool:
+    """``new`` is ``old`` with nullable fields added inside structs (at any depth, lists included)."""
+    if old == new:
+        return True
+    if pa.types.is_list(old) and pa.types.is_list(new):
+        return _widens(old.value_type, new.value_type)
+    if pa.types.is_struct(old) and pa.types.is_struct(new):
+        have = {f.name: f for f in old}
+        for f in new:
+            if f.name in have:
+                if not _widens(have[f.name].type, f.type):
+                    return False
+            elif not f.nullable:
+                return False
+        return all(f.name in {g.name for g in new} for f in old)
+    return False
+
+
+def _schema_drift(spec: TableSpec, existing: pa.Schema) -> tuple[list[pa.Field], list[str], list[str]]:
+    """Columns to add to an existing table, columns that gained nested nullable fields (a schema-merging write
+    adds them), and columns whose type differs otherwise (not fixable automatically)."""
     to_add = [f for f in spec.schema if f.name not in existing.names]
+    common = [f for f in spec.schema if f.name in existing.names and existing.field(f.name).type != f.type]
+    widened = [f.name for f in common if _widens(existing.field(f.name).type, f.type)]
     differ = [f"{f.name}: table has {existing.field(f.name).type}, definition says {f.type}"
-              for f in spec.schema if f.name in existing.names and existing.field(f.name).type != f.type]
-    return to_add, differ
+              for f in common if f.name not in widened]
+    return to_add, widened, differ
+
+
+def _merged(existing: pa.Schema, target: pa.Schema) -> pa.Schema:
+    """The table's columns in its own order, with the definition's (widened) types, then any new ones."""
+    fields = [target.field(f.name) if f.name in target.names else f for f in existing]
+    return pa.schema(fields + [f for f in target if f.name not in existing.names])
 
 
 class Lakehouse:
@@ -418,7 +446,7 @@ class Lakehouse:
                 f"{spec.name} at {dt.table_uri} is partitioned by {dt.metadata().partition_columns}, the definition "
                 f"says {list(spec.partition_by)}: rewrite the table or point SOP_LAKE_URI at a new root"
             )
-        to_add, differ = _schema_drift(spec, existing)
+        to_add, widened, differ = _schema_drift(spec, existing)
         if differ:
             raise SchemaMismatchError(
                 f"{spec.name} at {dt.table_uri} has columns of other types than its definition ({'; '.join(differ)}): "
@@ -435,3 +463,13 @@ class Lakehouse:
                 dt.alter.add_columns([DeltaField.from_arrow(f) for f in to_add])
             except DeltaError as exc:
                 raise SchemaMismatchError(f"could not add columns {[f.name for f in to_add]} to {spec.name}: {exc}") from exc
+        if widened:  # new nested fields (e.g. images[].capture_time_us): an empty append that merges the schema
+            from deltalake import write_deltalake
+
+            try:
+                dt.update_incremental()
+                write_deltalake(dt, _merged(arrow_schema(dt), spec.schema).empty_table(), mode="append",
+                                schema_mode="merge")
+                dt.update_incremental()
+            except DeltaError as exc:
+                raise SchemaMismatchError(f"could not add nested fields to {widened} of {spec.name}: {exc}") from exc

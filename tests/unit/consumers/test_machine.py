@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from consumers.deadletter import Reason, Rejected
 from consumers.machine import Kind
+from schemas import codec
 from tests.unit.consumers.world import World, end_record, intervention_record, start_record, step_record
 
 
@@ -262,3 +263,21 @@ def _index(raw: bytes) -> int:
     from schemas import codec
 
     return codec.decode(raw)[1]["step_index"]
+
+
+def test_an_episode_with_steps_of_an_unknown_schema_waits_for_their_replay() -> None:
+    # a fleet upgraded before its processor: steps the processor cannot read yet are dead-lettered as
+    # unknown-schema; their episode is not forced short meanwhile, and completes when they are re-published
+    world = World()
+    world.publish(Kind.STEP, step_record("e", 0), eid="e")
+    future = codec.encode("Step", step_record("e", 1))
+    unknown = future[:2] + b"\x99" * 8 + future[10:]
+    world.publish(Kind.STEP, unknown, eid="e")
+    world.publish(Kind.EPISODE, end_record("e", 2), eid="e")
+    world.settle(rounds=5)  # 150 s: far past the end grace
+    assert stored_episodes(world) == Counter()
+    assert [x.reason for x in world.deadletters] == [Reason.UNKNOWN_SCHEMA]
+    world.publish(Kind.STEP, step_record("e", 1), eid="e")  # `sop replay deadletter` after the upgrade
+    world.settle()
+    assert episode_row(world, "e")["closed_by"] == "end_event"
+    assert stored_steps(world) == Counter({("e", 0): 1, ("e", 1): 1})

@@ -180,3 +180,20 @@ def test_existing_table_with_other_types_is_refused(lake: Lakehouse) -> None:
 def test_object_store_uris_join_with_slashes() -> None:
     assert join_uri("s3://bucket/lake/", "steps") == "s3://bucket/lake/steps"
     assert Lakehouse("s3://bucket/lake", storage_options={"AWS_REGION": "x"}).uri("episodes") == "s3://bucket/lake/episodes"
+
+
+def test_a_table_made_before_a_nested_field_existed_gains_it(tmp_path) -> None:  # noqa: ANN001
+    # Step v2 added images[].capture_time_us: tables written by v1 processors evolve in place, rows kept
+    import pyarrow as pa
+    from deltalake import DeltaTable
+
+    import lakehouse.tables as tables
+    from lakehouse import Lakehouse
+
+    spec = tables.spec_of("steps")
+    old_camera = pa.struct([f for f in tables.CAMERA_IMAGE if f.name != "capture_time_us"])
+    old = pa.schema([pa.field(f.name, pa.list_(pa.field("element", old_camera)), f.nullable) if f.name == "images"
+                     else f for f in spec.schema])
+    DeltaTable.create(str(tmp_path / "steps"), old, partition_by=list(spec.partition_by))
+    table = Lakehouse(tmp_path).table("steps")
+    assert tables.arrow_schema(table).field("images").type == tables.IMAGES
