@@ -30,6 +30,7 @@ from learner.batch import Batch, BatchBuilder
 from learner.config import ModelConfig, SamplerConfig, TrainConfig
 from learner.feeder import DeltaFeeder, FeederConfig
 from learner.model import VLAPolicy
+from learner.quarantine import RowSpec
 from learner.sampler import AdaptiveSampler, Prefetcher
 from learner.synthetic import HashEmbedder, fill_tables, jpeg_pool, synthetic_episode, write_rows
 from learner.trainer import Learner
@@ -91,7 +92,9 @@ def main() -> None:
         model_cfg = ModelConfig()
         algorithm = make_algorithm(args.algorithm)
         build = BatchBuilder(model_cfg.encoder, HashEmbedder(), chunk=model_cfg.chunk, action_dim=model_cfg.action_dim)
-        sampler = AdaptiveSampler(SamplerConfig(batch_size=args.batch_size), build, accept=algorithm.accepts)
+        # the production path: rows checked at ingest and quarantined (learner.quarantine), as run_learning does
+        sampler = AdaptiveSampler(SamplerConfig(batch_size=args.batch_size), build, accept=algorithm.accepts,
+                                  spec=RowSpec.for_policy(model_cfg))
         feeder = DeltaFeeder(lake, sampler, FeederConfig(poll_interval_s=0.5))
         feeder.load_initial()
         feeder.start()

@@ -57,6 +57,7 @@ class ActorStatus:
     delivered: int = 0
     failed: int = 0
     in_flight: int = 0
+    spool: dict[str, Any] = field(default_factory=dict)  # the publisher's spool counters (state, pending, bytes, ...)
     error: str | None = None
 
     @property

@@ -214,9 +214,12 @@ def run_actor(run: ActorRun, *, settings: Settings, actor_settings: ActorSetting
             stats = publisher.stats
             if state == RUNNING and stats.paused:
                 state = PAUSED
+            spool = {k: getattr(stats, k) for k in ("spool_state", "spooled", "drained", "recovered", "spool_pending",
+                                                     "spool_bytes", "spool_max_bytes", "ambiguous", "spills")
+                     if hasattr(stats, k)}
             return monitor.status(state=state, delivered=stats.delivered, failed=stats.failed,
                                   in_flight=stats.in_flight, switches=[asdict(s) for s in source.history],
-                                  refused=source.refused)
+                                  refused=source.refused, spool=spool)
 
         shown_switches = shown_refusals = 0
         with Live(Text(""), console=console, transient=True, auto_refresh=False,
