@@ -163,8 +163,7 @@ def row_observation_tensors(rows: Sequence[Mapping[str, Any]], encoder: EncoderC
 class BatchBuilder:
     """Collates prepared rows into a ``Batch`` (decoding images and looking up instruction embeddings).
 
-    Images must have the encoder's size (no resizing here: a frame of another size is a broken row). Rows
-    whose images do not decode make it raise ``quarantine.RejectedRows`` naming all of them, after trying
+    Images of another size than the encoder's are resized (bilinear). Rows whose images do not decode make it raise ``quarantine.RejectedRows`` naming all of them, after trying
     every row; the sampler quarantines those and samples again.
     """
 

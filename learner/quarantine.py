@@ -166,12 +166,14 @@ def image_dimensions(data: bytes | bytearray | memoryview) -> tuple[int, int] | 
 
 
 def image_header_problem(image: Mapping[str, Any], size: int) -> tuple[str, str] | None:
-    """A stored ``CameraImage`` whose bytes do not open as an image of ``size`` x ``size``, cheaply: PIL reads
-    only the header here (a body cut short is found when the batch decodes it, ``decode_row_image``)."""
+    """A stored ``CameraImage`` whose bytes do not open as an image, or whose real size differs from the size
+    it declares (``width`` / ``height``), cheaply: only the header is read here (a body cut short is found when
+    the batch decodes it, ``decode_row_image``). A well-formed frame of another size than the model's
+    ``size`` is fine: it is resized when decoded (a fleet may run its cameras at another resolution)."""
     data = image.get("data")
     if isinstance(data, np.ndarray):
-        if data.shape != (size, size, 3) or data.dtype != np.uint8:
-            return IMAGE_SIZE, f"array of shape {data.shape} {data.dtype}, the model expects ({size}, {size}, 3) uint8"
+        if data.ndim != 3 or data.shape[2] != 3 or data.dtype != np.uint8:
+            return IMAGE_SIZE, f"array of shape {data.shape} {data.dtype}, the model expects (h, w, 3) uint8"
         return None
     if not isinstance(data, bytes | bytearray | memoryview) or len(data) == 0:
         return IMAGE_UNDECODABLE, "no image bytes"
@@ -182,8 +184,9 @@ def image_header_problem(image: Mapping[str, Any], size: int) -> tuple[str, str]
                 found = im.size
         except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for garbage; all mean "cannot decode"
             return IMAGE_UNDECODABLE, f"{type(exc).__name__}: {exc}"
-    if found != (size, size):
-        return IMAGE_SIZE, f"{found[0]}x{found[1]} image, the model expects {size}x{size}"
+    declared = (image.get("width"), image.get("height"))
+    if None not in declared and tuple(found) != declared:
+        return IMAGE_SIZE, f"{found[0]}x{found[1]} image, declared {declared[0]}x{declared[1]}"
     return None
 
 
@@ -245,8 +248,10 @@ def decode_row_image(image: Mapping[str, Any], size: int) -> np.ndarray:
                 array = np.asarray(im.convert("RGB"))
         except Exception as exc:  # noqa: BLE001 - as in image_header_problem
             raise RowRejected(IMAGE_UNDECODABLE, f"{type(exc).__name__}: {exc}") from None
-    if array.shape != (size, size, 3) or array.dtype != np.uint8:
-        raise RowRejected(IMAGE_SIZE, f"decoded to {array.shape} {array.dtype}, the model expects ({size}, {size}, 3)")
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise RowRejected(IMAGE_SIZE, f"decoded to {array.shape} {array.dtype}, the model expects (h, w, 3) uint8")
+    if array.shape[:2] != (size, size):
+        array = np.asarray(Image.fromarray(array).resize((size, size), Image.BILINEAR))
     return array
 
 

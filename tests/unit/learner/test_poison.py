@@ -39,7 +39,7 @@ def _image(row: dict[str, Any], **changes: Any) -> None:
 POISONS: dict[str, Any] = {
     q.IMAGE_UNDECODABLE: lambda r: _image(r, data=b"\xff\xd8 this is not a jpeg"),
     q.MISSING_CAMERA: lambda r: _image(r, camera="wrist"),
-    q.IMAGE_SIZE: lambda r: _image(r, data=BIG_FRAME, width=2 * SIZE, height=2 * SIZE),
+    q.IMAGE_SIZE: lambda r: _image(r, data=BIG_FRAME, width=SIZE, height=SIZE),  # bytes larger than declared
     q.PROPRIO_LENGTH: lambda r: r.update(proprio=r["proprio"][:-1]),
     q.ACTION_LENGTH: lambda r: r.update(action=r["action"][:3]),
     q.PROPRIO_NON_FINITE: lambda r: r.update(proprio=[NAN, *r["proprio"][1:]]),

@@ -41,8 +41,8 @@ def healthy(rng: np.random.Generator) -> dict[str, Any]:
     ({"images": None}, q.MISSING_CAMERA),
     ({"images": [{"camera": "corner", "encoding": "jpeg", "data": b"garbage"}]}, q.IMAGE_UNDECODABLE),
     ({"images": [{"camera": "corner", "encoding": "jpeg", "data": b""}]}, q.IMAGE_UNDECODABLE),
-    ({"images": [{"camera": "corner", "encoding": "jpeg", "data": jpeg(np.zeros((16, 32, 3), np.uint8))}]},
-     q.IMAGE_SIZE),
+    ({"images": [{"camera": "corner", "encoding": "jpeg", "width": 32, "height": 32,
+                  "data": jpeg(np.zeros((16, 32, 3), np.uint8))}]}, q.IMAGE_SIZE),  # not the size it declares
     ({"images": [{"camera": "corner", "data": np.zeros((32, 32, 4), np.uint8)}]}, q.IMAGE_SIZE),
     ({"proprio": [0.0] * 7}, q.PROPRIO_LENGTH),
     ({"proprio": None}, q.PROPRIO_LENGTH),
@@ -246,6 +246,7 @@ def test_image_dimensions_agree_with_pil(fmt: str, options: dict[str, Any], h: i
     data = buf.getvalue()
     expected = None if fmt == "GIF" else (w, h)  # other formats are left to PIL
     assert q.image_dimensions(data) == expected
-    assert q.image_header_problem({"data": data}, 32) == (None if (w, h) == (32, 32) else (
-        q.IMAGE_SIZE, f"{w}x{h} image, the model expects 32x32"))
+    assert q.image_header_problem({"data": data, "width": 32, "height": 32}, 32) == (None if (w, h) == (32, 32) else (
+        q.IMAGE_SIZE, f"{w}x{h} image, declared 32x32"))
+    assert q.image_header_problem({"data": data}, 32) is None  # another size than the model's is resized
     assert q.image_dimensions(data[:10]) is None
