@@ -79,6 +79,7 @@ class Stack:
     abort_timeout_s: float
     proc: SopProcess | None = None
     unexpected_exits: list[str] = field(default_factory=list)
+    open_at_timeout: int | None = None  # the processor's open episodes when a quiesce wait gave up
 
     @property
     def lake(self) -> Path:
@@ -165,6 +166,8 @@ class Stack:
             if calm >= 3:
                 return {}
             time.sleep(2)
+        self.open_at_timeout = self.open_episodes()
+        log(f"[yellow]not quiescent after {timeout_s:.0f} s: lag {lag}, open episodes {self.open_at_timeout}[/yellow]")
         return lag
 
 
@@ -676,6 +679,10 @@ def main() -> None:  # noqa: C901, PLR0915 - one campaign, read top to bottom
             ph = fn()
             ph.start, ph.end = before_hw, stack.highwaters()
             ph.counted_metrics = counted_total(stack) - before_counted
+            if stack.open_at_timeout:
+                ph.notes.append(f"quiesce wait timed out with {stack.open_at_timeout} episode(s) still open in the "
+                                f"processor (lag 0): an episode neither closed nor aborted")
+                stack.open_at_timeout = None
             if ph.stalled:
                 log(f"[red]{ph.name}: partitions still lagging: {ph.stalled}[/red]")
             log(f"[bold]{ph.name}[/bold] done ({time.monotonic() - t_start:.0f} s elapsed)")
