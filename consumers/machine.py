@@ -246,6 +246,8 @@ class EpisodeMachine:
         self.next_offset: dict[Kind, dict[int, int]] = {k: {} for k in Kind}
         self.last_event_s: dict[Kind, dict[int, float]] = {k: {} for k in Kind}
         self.watermark: dict[Kind, dict[int, int | None]] = {k: {} for k in Kind}
+        self.unknown_schema_keys: dict[str, tuple[int, float]] = {}  # episodes not seen yet: (steps, since)
+        self.broker_away_since_s: float | None = None
         self.pending_closings: list[Closing] = []
         self.pending_interventions: list[tuple[dict, Any]] = []
         self.finish_queue: dict[int, list[str]] = defaultdict(list)
@@ -324,14 +326,32 @@ class EpisodeMachine:
     def _hold_for_unknown_schema(self, eid: str, msg: Inbound, now_s: float) -> None:
         ep = self.open.get(eid)
         if ep is None:
-            m = self.meta.get(eid.encode())
-            if m is not None:
-                return  # already stored: the replayed step will be a late step
-            m = assembly.new_meta(eid, msg.partition, now_s)
-            ep = self._track(eid, msg.partition, m, now_s)
+            if self.meta.get(eid.encode()) is None:  # not seen yet: remembered (in memory, bounded) for when it is
+                count, since = self.unknown_schema_keys.pop(eid, (0, now_s))
+                self.unknown_schema_keys[eid] = (count + 1, since)
+                while len(self.unknown_schema_keys) > 10_000:
+                    del self.unknown_schema_keys[next(iter(self.unknown_schema_keys))]
+            return  # an episode already stored: the replayed step will be a late step
         ep.meta["unknown_schema"] = ep.meta.get("unknown_schema", 0) + 1
         ep.meta.setdefault("unknown_schema_since_s", now_s)
         self._save(ep)
+
+    # -- the broker's reachability (told by the shell) ----------------------------------------------
+    def broker_unreachable(self, *, now_s: float) -> None:
+        """The shell could not reach the broker: robots cannot publish either, so silence means nothing now."""
+        if self.broker_away_since_s is None:
+            self.broker_away_since_s = now_s
+
+    def broker_reachable(self, *, now_s: float) -> None:
+        """The broker answers again: every open episode's silence starts over, giving robots' spools (which
+        drain once the broker is back) a whole grace / abort timeout before anything is forced or aborted."""
+        if self.broker_away_since_s is None:
+            return
+        log.info("broker reachable again after %.0fs: silence clocks of %d open episodes restart",
+                 now_s - self.broker_away_since_s, len(self.open))
+        self.broker_away_since_s = None
+        for ep in self.open.values():
+            ep.last_seen_s = max(ep.last_seen_s, now_s)
 
     def _dead_letter(self, msg: Inbound, reason: Reason, error: str) -> None:
         self.deadletters[reason] += 1
@@ -410,6 +430,9 @@ class EpisodeMachine:
                 self.outbox.acks.append(msg.handle)
                 return None
             m = assembly.new_meta(eid, msg.partition, now_s)
+            held = self.unknown_schema_keys.pop(eid, None)
+            if held is not None:
+                m["unknown_schema"], m["unknown_schema_since_s"] = held
             self.meta[eid.encode()] = m
         ep = self._track(eid, msg.partition, m, now_s)
         self._load_chunks(ep)

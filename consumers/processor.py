@@ -356,10 +356,13 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Shell]:
         """High watermarks from the broker (a ListOffsets request) and the committed positions of ``p``."""
         tps = {kind: TP(topic_of[kind], p) for kind in (Kind.STEP, Kind.EPISODE)}
         try:
-            hws = await app.consumer.highwaters(*tps.values())
+            hws = await asyncio.wait_for(app.consumer.highwaters(*tps.values()), timeout=10.0)
         except Exception as exc:  # noqa: BLE001 - unknown = not caught up: close nothing this tick
             log.info("high watermarks of partition %d unavailable: %s", p, exc)
+            machine.broker_unreachable(now_s=time.time())
             hws = {}
+        else:
+            machine.broker_reachable(now_s=time.time())
         committed = getattr(app.consumer, "_committed_offset", {})
         return ({k: hws.get(tp) for k, tp in tps.items()}, {k: committed.get(tp) for k, tp in tps.items()})
 

@@ -281,3 +281,30 @@ def test_an_episode_with_steps_of_an_unknown_schema_waits_for_their_replay() -> 
     world.settle()
     assert episode_row(world, "e")["closed_by"] == "end_event"
     assert stored_steps(world) == Counter({("e", 0): 1, ("e", 1): 1})
+
+
+def test_a_broker_outage_does_not_count_as_silence() -> None:
+    # robots spool while the broker is away and drain once it is back: their episodes get a fresh timeout then
+    world = World()
+    publish_episode(world, "e", 2, end=False)
+    while world.deliverable():
+        world.deliver(world.deliverable()[0])
+    world.machine.broker_unreachable(now_s=world.now)
+    world.now += 1000.0  # a long outage
+    world.machine.broker_reachable(now_s=world.now)
+    world.tick(1.0)  # caught up, but silent only since the broker came back
+    world.flush_write()
+    world.flush_done()
+    assert stored_episodes(world) == Counter()
+    world.publish(Kind.STEP, step_record("e", 2), eid="e")  # drained from a robot's spool
+    world.publish(Kind.EPISODE, end_record("e", 3), eid="e")
+    world.settle()
+    assert episode_row(world, "e")["closed_by"] == "end_event"
+
+
+def test_a_phantom_unknown_schema_key_holds_nothing_open() -> None:
+    world = World()
+    future = codec.encode("Step", step_record("ghost", 0))
+    world.publish(Kind.STEP, future[:2] + b"\x99" * 8 + future[10:], eid="ghost")
+    world.settle()
+    assert world.machine.open_count == 0 and "ghost" in world.machine.unknown_schema_keys
