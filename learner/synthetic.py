@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from lakehouse import Lakehouse
-from learner.recap import episode_targets
+from rewards.recap import episode_targets
 
 SYNTHETIC_INSTRUCTIONS = {
     "pick-place-v3": "pick up the puck and place it at the goal",

@@ -1,6 +1,6 @@
 """The runtime side of a registered policy: loading an MLflow model version into a ready-to-act
-:class:`~producers.interfaces.Policy`, and the scripted expert packaged as an MLflow pyfunc so it
-can stand in as ``sop-policy`` before the learner registers a learned one.
+:class:`~producers.interfaces.Policy`, and ``register_policy`` for any ``PythonModel`` that follows the
+contract below (the simulated world registers its scripted expert with it: ``sim.expert_pyfunc``).
 
 Contract for every policy registered in MLflow: a ``mlflow.pyfunc.PythonModel`` whose
 ``unwrap_python_model()`` has ``.act(observation) -> np.ndarray`` and a ``.version`` attribute.
@@ -13,15 +13,13 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import mlflow
-import numpy as np
 from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from producers.interfaces import Observation, Policy
+from producers.interfaces import Policy
 
 DEFAULT_MODEL_NAME = "sop-policy"
 DEFAULT_ALIAS = "champion"
@@ -84,43 +82,6 @@ def load_policy_from_registry(
     return policy
 
 
-class ExpertPyfunc(mlflow.pyfunc.PythonModel):
-    """The (noisy) scripted expert as an MLflow pyfunc and a :class:`Policy`.
-
-    ``predict`` takes rows with ``task`` and ``proprio`` (the 39-d state) and returns actions
-    (n, 4); actors use :meth:`act`.
-    """
-
-    def __init__(self, *, noise_sigma: float = 0.0, seed: int | None = None, version: str = "expert") -> None:
-        self.noise_sigma = noise_sigma
-        self.seed = seed
-        self.version = version
-        self._policy: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_policy": None}
-
-    def _expert(self) -> Any:
-        if self._policy is None:
-            from producers.sim.expert import ExpertPolicy  # imports MetaWorld
-
-            self._policy = ExpertPolicy(noise_sigma=self.noise_sigma, seed=self.seed, version=self.version)
-        return self._policy
-
-    def act(self, observation: Observation) -> np.ndarray:
-        return self._expert().act(observation)
-
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
-        rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
-        observations = [
-            Observation(
-                images={}, proprio=np.asarray(row["proprio"], dtype=np.float32), instruction="", task=row["task"]
-            )
-            for row in rows
-        ]
-        return np.stack([self.act(obs) for obs in observations]) if observations else np.zeros((0, 4), np.float32)
-
-
 def _experiment_id(client: MlflowClient, experiment: str, artifact_location: str | None) -> str:
     found = client.get_experiment_by_name(experiment)
     if found is not None:
@@ -181,25 +142,3 @@ def register_policy(
     if alias is not None:
         client.set_registered_model_alias(model_name, alias, version)
     return version
-
-
-def register_expert_policy(
-    tracking_uri: str,
-    *,
-    noise_sigma: float = 0.2,
-    seed: int | None = None,
-    model_name: str = DEFAULT_MODEL_NAME,
-    alias: str | None = DEFAULT_ALIAS,
-    experiment: str = DEFAULT_EXPERIMENT,
-    artifact_location: str | None = None,
-) -> str:
-    """Register the noisy scripted expert as a version of ``model_name`` (a stand-in policy)."""
-    return register_policy(
-        lambda version: ExpertPyfunc(noise_sigma=noise_sigma, seed=seed, version=version),
-        tracking_uri,
-        model_name=model_name,
-        alias=alias,
-        experiment=experiment,
-        artifact_location=artifact_location,
-        tags={"sop.policy": "scripted-expert", "sop.noise_sigma": str(noise_sigma)},
-    )

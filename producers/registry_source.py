@@ -32,7 +32,6 @@ import numpy as np
 
 from producers.interfaces import Observation, Policy
 from producers.policies import DEFAULT_ALIAS, DEFAULT_MODEL_NAME
-from producers.sim.tasks import DEFAULT_SUITE, task_spec
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -100,12 +99,12 @@ class Refusal:
     at: float
 
 
-def default_probe(task: str = DEFAULT_SUITE[0], *, image_size: int = 64, camera: str = "corner") -> Observation:
-    """A neutral observation to vet a version with when no robot observation is at hand."""
+def default_probe(task: str, instruction: str, *, image_size: int = 64, camera: str = "corner") -> Observation:
+    """A neutral observation of ``task`` to vet a version with when no robot observation is at hand."""
     return Observation(
         images={camera: np.zeros((image_size, image_size, 3), dtype=np.uint8)},
         proprio=np.zeros(PROBE_STATE_DIM, dtype=np.float32),
-        instruction=task_spec(task).instruction,
+        instruction=instruction,
         task=task,
     )
 
@@ -142,13 +141,13 @@ class RegistryPolicySource:
         self,
         config: RegistrySourceConfig,
         *,
-        probe: Observation | None = None,
+        probe: Observation,
         loader: Loader | None = None,
         resolver: Resolver | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        self.probe = probe if probe is not None else default_probe()
+        self.probe = probe  # the robot's own first observation, or default_probe(task, instruction)
         self._loader = loader or self._load_from_mlflow
         self._resolver = resolver or self._resolve_with_mlflow
         self._clock = clock

@@ -15,9 +15,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producers.images import DEFAULT_JPEG_QUALITY
-from producers.operator import OperatorConfig
-from producers.sim.tasks import DEFAULT_SUITE
 from producers.spool import SpoolConfig
+from sim.operator import OperatorConfig
+from sim.tasks import DEFAULT_SUITE
 from sop.settings import SettingsError
 
 CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
@@ -58,7 +58,7 @@ class ActorSettings(BaseSettings):
     actor_spool_after_s: float = Field(
         30.0, gt=0, description="Spill once Kafka has acknowledged nothing for this long while messages wait.")
 
-    # the simulated operator (HG-DAgger gate, see producers/operator.py)
+    # the simulated operator (HG-DAgger gate, see sim/operator.py)
     operator_divergence_threshold: float = 0.5
     operator_gripper_weight: float = 0.25
     operator_takeover_after: int = 3
@@ -124,7 +124,7 @@ class ActorSettings(BaseSettings):
 
 def parse_tasks(text: str) -> tuple[str, ...]:
     """``"a,b"`` -> ("a", "b"), every name a known task (ValueError listing the known ones)."""
-    from producers.sim.tasks import TASKS
+    from sim.tasks import TASKS
 
     names = tuple(t.strip() for t in text.split(",") if t.strip())
     if not names:

@@ -26,7 +26,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from producers.sim.tasks import DEMO_SEEDS
+from sim.tasks import DEMO_SEEDS
 from sop.actor_settings import load_actor_settings, parse_tasks
 from sop.settings import load_settings
 
@@ -43,7 +43,7 @@ def demo_app_id(task: str, seed: int) -> str:
 def demo_rows(records: Sequence[dict], *, max_episode_length: int, c_fail: float | None,
               timeout_is_failure: bool = True) -> list[dict]:
     """``demonstrations`` rows of one episode (its Step records, then its EpisodeEvent ENDED)."""
-    from learner import recap
+    from rewards import recap
 
     *steps, ended = records
     if ended.get("kind") != "ENDED" or not steps:
@@ -112,9 +112,9 @@ def write_demos(tasks: Sequence[str], seeds: range, *, noise_sigma: float, image
                 cameras: tuple[str, ...], jpeg_quality: int, lake_root: str, storage_options: dict[str, str] | None,
                 max_episode_length: int, c_fail: float | None, console: Console) -> DemoReport:
     from lakehouse import Lakehouse
-    from producers.demos import demo_episode, noise_seed
-    from producers.sim.expert import ExpertPolicy
-    from producers.sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
+    from sim.demos import demo_episode, noise_seed
+    from sim.expert import ExpertPolicy
+    from sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
 
     writer = Lakehouse(lake_root, storage_options=storage_options).writer("demonstrations", app_id_prefix=APP_ID_PREFIX)
     writer.table.update_incremental()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from learner import recap
-from producers.operator import OperatorConfig
-from producers.sim.tasks import DEFAULT_SUITE
+from rewards import recap
+from sim.operator import OperatorConfig
+from sim.tasks import DEFAULT_SUITE
 from sop.actor_settings import load_actor_settings, parse_tasks
 from sop.commands.demos import demo_app_id, demo_rows
 from sop.settings import SettingsError

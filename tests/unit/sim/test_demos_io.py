@@ -7,8 +7,8 @@ import pytest
 
 from lakehouse import Lakehouse, snapshot
 from learner.config import RecapConfig
-from learner.demos_io import DEMO_APP_PREFIX, demonstration_rows, write_demonstrations
 from learner.synthetic import jpeg_pool, synthetic_episode
+from sim.demos_io import DEMO_APP_PREFIX, demonstration_rows, write_demonstrations
 
 FRAMES = jpeg_pool(2, 16)
 STEP_KEYS = ("episode_id", "actor_id", "task", "instruction", "step_index", "event_time_us", "policy_version",
@@ -16,7 +16,7 @@ STEP_KEYS = ("episode_id", "actor_id", "task", "instruction", "step_index", "eve
 
 
 def generated(task: str, seed: int, *, length: int = 6, outcome: str = "SUCCESS") -> list[dict]:
-    """An episode as producers.demos.generate_demonstrations yields it: Steps, then the ENDED event."""
+    """An episode as sim.demos.generate_demonstrations yields it: Steps, then the ENDED event."""
     rows = synthetic_episode(task, length, np.random.default_rng(seed), episode_id=f"demo:{task}:{seed}", demo=True,
                              frames=FRAMES, image_size=16)
     steps = [{k: r[k] for k in STEP_KEYS} for r in rows]

@@ -1,6 +1,6 @@
 """Offline demonstrations into the Delta ``demonstrations`` table, exactly once.
 
-``write_demonstrations(lake, episodes)`` takes episodes as ``producers.demos.generate_demonstrations`` yields
+``write_demonstrations(lake, episodes)`` takes episodes as ``sim.demos.generate_demonstrations`` yields
 them (the ``Step`` records, then the ``EpisodeEvent`` ENDED record) and appends them with the columns the
 stream processor fills for online steps at close (RECAP ``reward``, normalised ``mc_return``, ``outcome``,
 ``episode_length``), so the value model trains on both tables alike. Rerunning it writes nothing twice:
@@ -21,8 +21,8 @@ from typing import Any
 import pyarrow.compute as pc
 
 from lakehouse import DEMONSTRATIONS, Lakehouse
-from learner.config import RecapConfig
-from learner.recap import episode_targets
+from rewards.config import RecapConfig
+from rewards.recap import episode_targets
 
 DEMO_APP_PREFIX = "sop-demos"
 STEP_FIELDS = ("episode_id", "actor_id", "task", "instruction", "step_index", "event_time_us", "policy_version",
@@ -162,14 +162,14 @@ def make_demonstrations(lake: Lakehouse, *, episodes_per_task: int | Mapping[str
                         tasks: Sequence[str] | None = None, noise_sigma: float = BASE_DEMO_NOISE,
                         image_size: int = 64, cameras: tuple[str, ...] = ("corner",), max_steps: int = 150,
                         recap: RecapConfig | None = None, progress: bool = False) -> DemoWriteReport:
-    """Generate scripted-expert demonstrations (``producers.demos``) and write them exactly once.
+    """Generate scripted-expert demonstrations (``sim.demos``) and write them exactly once.
 
     ``episodes_per_task`` is one count for every task or a count per task; ``tasks`` defaults to the tasks
-    of that mapping, or to ``producers.sim.tasks.DEFAULT_SUITE``. Episodes already in the table are not
+    of that mapping, or to ``sim.tasks.DEFAULT_SUITE``. Episodes already in the table are not
     simulated again.
     """
-    from producers.demos import demo_episode_id, generate_demonstrations
-    from producers.sim.tasks import DEFAULT_SUITE, DEMO_SEEDS
+    from sim.demos import demo_episode_id, generate_demonstrations
+    from sim.tasks import DEFAULT_SUITE, DEMO_SEEDS
 
     if tasks is None:
         tasks = tuple(episodes_per_task) if isinstance(episodes_per_task, Mapping) else DEFAULT_SUITE
