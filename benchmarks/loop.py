@@ -51,7 +51,7 @@ def prepare(base: Path, *, demos: int | None, tasks: list[str] | None) -> None:
     if demos is not None:
         sop(["demos", "--episodes-per-task", str(demos), *t], base)
     else:
-        from lakehouse.tables import Lakehouse
+        from lakehouse.lake import Lakehouse
         from sim.demos_io import BASE_DEMOS_PER_TASK, make_demonstrations
 
         counts = {task: BASE_DEMOS_PER_TASK.get(task, 10) for task in (tasks or BASE_DEMOS_PER_TASK)}
