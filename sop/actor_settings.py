@@ -18,7 +18,7 @@ from producers.images import DEFAULT_JPEG_QUALITY
 from producers.spool import SpoolConfig
 from sim.operator import OperatorConfig
 from sim.tasks import DEFAULT_SUITE
-from sop.settings import SettingsError
+from sop.settings import SettingsError, settings_error
 
 CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
 
@@ -140,13 +140,6 @@ def load_actor_settings(**overrides: object) -> ActorSettings:
     try:
         settings = ActorSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            name = ".".join(str(p) for p in err["loc"])
-            if not name:  # a rule across fields: its message names the variables
-                problems.append(err["msg"].removeprefix("Value error, "))
-                continue
-            problems.append(f"SOP_{name.upper()}: {err['msg']} (got {err.get('input')!r})")
-        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)) from None
+        raise settings_error(exc) from None
     settings.operator_config()  # the gate's own rules (e.g. gripper weight below the threshold)
     return settings
