@@ -7,7 +7,8 @@ import pytest
 
 from lakehouse import Lakehouse, snapshot
 from learner.config import RecapConfig
-from learner.synthetic import jpeg_pool, synthetic_episode
+from learner.synthetic import synthetic_episode
+from schemas.images import jpeg_pool
 from sim.demos_io import DEMO_APP_PREFIX, demonstration_rows, write_demonstrations
 
 FRAMES = jpeg_pool(2, 16)
