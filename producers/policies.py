@@ -16,9 +16,9 @@ from pathlib import Path
 
 import mlflow
 from mlflow.entities import LoggedModelStatus
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
+from infra import registry
+from infra.registry import registry_client
 from producers.interfaces import Policy
 
 DEFAULT_MODEL_NAME = "sop-policy"
@@ -47,7 +47,7 @@ def resolve_model_version(model_uri: str, *, tracking_uri: str | None = None, re
     name, version, alias = parse_model_uri(model_uri)
     if version is not None:
         return version
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
+    client = registry_client(tracking_uri, registry_uri)
     return str(client.get_model_version_by_alias(name, alias).version)
 
 
@@ -66,7 +66,7 @@ def load_policy_from_registry(
     if model_uri.startswith("models:/"):
         name = parse_model_uri(model_uri)[0]
         version = resolve_model_version(model_uri, tracking_uri=tracking_uri, registry_uri=registry_uri)
-        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
+        client = registry_client(tracking_uri, registry_uri)
         # The version's storage location is a plain artifact URI (file://, s3://, ...): downloading it
         # needs no registry lookup, which MLflow 3.17 would do against the process-wide registry URI.
         model_uri = client.get_model_version_download_uri(name, version)
@@ -80,29 +80,6 @@ def load_policy_from_registry(
     if version is not None:
         policy.version = version
     return policy
-
-
-def _experiment_id(client: MlflowClient, experiment: str, artifact_location: str | None) -> str:
-    found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        return found.experiment_id
-    if artifact_location is None:
-        # MLflow would otherwise put artifacts under ./mlruns of whatever directory this runs in.
-        raise ValueError(
-            f"MLflow experiment {experiment!r} does not exist; "
-            "pass artifact_location=... to create it with a fixed artifact root"
-        )
-    return client.create_experiment(experiment, artifact_location=artifact_location)
-
-
-def _ensure_registered_model(client: MlflowClient, name: str) -> None:
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        try:
-            client.create_registered_model(name)
-        except MlflowException:  # created concurrently by another process
-            client.get_registered_model(name)
 
 
 def register_policy(
@@ -123,9 +100,10 @@ def register_policy(
     Only ``MlflowClient`` calls: the process-wide tracking URI is neither read nor changed.
     The experiment is created with ``artifact_location`` if it does not exist yet.
     """
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    experiment_id = _experiment_id(client, experiment, artifact_location)
-    _ensure_registered_model(client, model_name)
+    client = registry_client(tracking_uri)
+    experiment_id = registry.experiment_id(client, experiment, artifact_location=artifact_location,
+                                          require_location=True)
+    registry.ensure_registered_model(client, model_name)
     logged = client.create_logged_model(experiment_id=experiment_id, name=model_name, tags=tags)
     created = client.create_model_version(model_name, source=logged.artifact_location, tags=tags)
     version = str(created.version)

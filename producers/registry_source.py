@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from infra.registry import registry_client
 from producers.interfaces import Observation, Policy
 from producers.policies import DEFAULT_ALIAS, DEFAULT_MODEL_NAME
 
@@ -330,10 +331,9 @@ class RegistryPolicySource:
     # -- MLflow ------------------------------------------------------------------------------------------------
     def _mlflow_client(self) -> MlflowClient:
         if self._client is None:
-            from mlflow.tracking import MlflowClient
 
             uri = self.config.tracking_uri
-            self._client = MlflowClient(tracking_uri=uri, registry_uri=self.config.registry_uri or uri)
+            self._client = registry_client(uri, self.config.registry_uri)
         return self._client
 
     def _resolve_with_mlflow(self) -> str | None:
