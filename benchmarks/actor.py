@@ -63,7 +63,7 @@ class Rate:
 
 def sim_alone(tasks: list[str], *, image_size: int, seconds: float, max_steps: int) -> Rate:
     """Physics + rendering only: the floor of what an actor can do."""
-    from producers.sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
+    from sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
 
     robots = [MetaWorldRobot(MetaWorldRobotConfig(task=t, image_size=image_size, max_steps=max_steps)) for t in tasks]
     actions = np.random.default_rng(0).uniform(-1, 1, size=(1024, 4)).astype(np.float32)
@@ -132,7 +132,7 @@ def fleet_propagation(*, actors: int, promotions: int, tasks: list[str], image_s
     from mlflow.tracking import MlflowClient
 
     from producers.fleet import ActorStatus
-    from producers.policies import register_expert_policy
+    from sim.expert_pyfunc import register_expert_policy
 
     register_expert_policy(uri, noise_sigma=0.2, seed=0)  # version 1 @champion
     versions = [register_expert_policy(uri, noise_sigma=0.2, seed=i, alias=None) for i in range(1, promotions + 1)]
@@ -219,7 +219,7 @@ def main() -> None:
               f"episodes end at success or {settings.max_episode_steps} steps; {os.cpu_count()} CPUs")
 
         if not args.skip_throughput:
-            from producers.policies import register_expert_policy
+            from sim.expert_pyfunc import register_expert_policy
 
             register_expert_policy(uri, noise_sigma=0.2, seed=0)
             sims: list[Rate] = []

@@ -32,8 +32,9 @@ from learner.feeder import DeltaFeeder, FeederConfig
 from learner.model import VLAPolicy
 from learner.quarantine import RowSpec
 from learner.sampler import AdaptiveSampler, Prefetcher
-from learner.synthetic import HashEmbedder, fill_tables, jpeg_pool, synthetic_episode, write_rows
+from learner.synthetic import HashEmbedder, fill_tables, synthetic_episode, write_rows
 from learner.trainer import Learner
+from schemas.images import jpeg_pool
 
 TASKS = ("pick-place-v3", "assembly-v3", "drawer-open-v3", "box-close-v3")
 

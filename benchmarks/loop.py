@@ -43,7 +43,7 @@ def sop(args: list[str], run_dir: Path, *, env: dict | None = None, timeout: flo
 
 def prepare(base: Path, *, demos: int | None, tasks: list[str] | None) -> None:
     """Demonstrations and base policy once, shared by every arm: by default the calibrated per-task counts
-    that `sop run` uses (``learner.demos_io.BASE_DEMOS_PER_TASK``), so the base is the README's base."""
+    that `sop run` uses (``sim.demos_io.BASE_DEMOS_PER_TASK``), so the base is the README's base."""
     if (base / "prepared").exists():
         return
     t = ["--tasks", ",".join(tasks)] if tasks else []
@@ -51,8 +51,8 @@ def prepare(base: Path, *, demos: int | None, tasks: list[str] | None) -> None:
     if demos is not None:
         sop(["demos", "--episodes-per-task", str(demos), *t], base)
     else:
-        from lakehouse.tables import Lakehouse
-        from learner.demos_io import BASE_DEMOS_PER_TASK, make_demonstrations
+        from lakehouse.lake import Lakehouse
+        from sim.demos_io import BASE_DEMOS_PER_TASK, make_demonstrations
 
         counts = {task: BASE_DEMOS_PER_TASK.get(task, 10) for task in (tasks or BASE_DEMOS_PER_TASK)}
         make_demonstrations(Lakehouse(str(base / "lake")), episodes_per_task=counts, progress=True)

@@ -1,7 +1,7 @@
 """Stream processing: Kafka events → assembled episodes → rewards, returns, values, advantages → Delta.
 
 Owns the faust app of ``sop process`` (:mod:`consumers.processor`), the pure episode assembly and
-close-time columns (:mod:`consumers.assembly`, using RECAP's numpy-only math in ``learner.recap`` —
+close-time columns (:mod:`consumers.assembly`, using RECAP's numpy-only math in ``rewards.recap`` —
 the one module of ``learner`` this package imports, so that processor and learner agree on rewards
 by construction), the dead-letter path (:mod:`consumers.deadletter`) and a plain decoding consumer
 for tools and tests (:mod:`consumers.decoding`).

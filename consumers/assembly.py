@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from learner import recap
+from rewards import recap
 
 OPEN, CLOSED = "open", "closed"
 

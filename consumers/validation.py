@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -37,6 +35,7 @@ from types import MappingProxyType
 from typing import Any
 
 from consumers.deadletter import Reason, Rejected
+from schemas.images import BadImage, jpeg_size, png_size
 
 DEFAULT_ENCODINGS: frozenset[str] = frozenset({"jpeg", "png"})  # what the learner's decoder reads
 DEFAULT_MAX_STEPS = 10_000
@@ -314,135 +313,6 @@ def _images(images: Sequence[Mapping[str, Any]], task: TaskContract | None, cont
 
 
 # -- image structure ------------------------------------------------------------------------------
-
-
-class BadImage(ValueError):
-    """Bytes that are not a well-formed image of the claimed encoding."""
-
-
-# What each marker byte after 0xFF is, looked up once per segment (the walk is the edge's hottest loop).
-_SEGMENT, _STANDALONE, _FILL, _BAD, _SOS, _SOF, _SOF_UNSUPPORTED = range(7)
-_MARKERS = bytearray([_SEGMENT]) * 256
-for _m in (0x01, *range(0xD0, 0xD8)):  # TEM, RST0-7: no length field
-    _MARKERS[_m] = _STANDALONE
-for _m in (0x00, 0xD8, 0xD9):  # a stuffed zero, SOI, EOI: never a header segment
-    _MARKERS[_m] = _BAD
-for _m in (0xC0, 0xC1, 0xC2):  # baseline, extended sequential, progressive (Huffman): what PIL reads
-    _MARKERS[_m] = _SOF
-for _m in (0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):  # lossless, hierarchical, arithmetic
-    _MARKERS[_m] = _SOF_UNSUPPORTED
-_MARKERS[0xFF] = _FILL
-_MARKERS[0xDA] = _SOS
-_MARKERS = bytes(_MARKERS)
-
-
-def jpeg_size(data: bytes) -> tuple[int, int]:
-    """(width, height) of a structurally whole JPEG; raises :class:`BadImage` on garbage or truncation.
-
-    Walks the marker segments from SOI to the first SOS (the frame header SOF0/1/2 gives the size) and
-    requires EOI as the last two bytes; the entropy-coded scan data is not decoded.
-    """
-    n = len(data)
-    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
-        raise BadImage("no SOI marker at the start")
-    if data[n - 2] != 0xFF or data[n - 1] != 0xD9:
-        raise BadImage("no EOI marker at the end (truncated, or bytes after the image)")
-    last = n - 2  # where EOI starts: headers must end before it
-    i = 2
-    size: tuple[int, int] | None = None
-    while True:
-        if i + 4 > last:
-            raise BadImage(f"segments run into the end at byte {i} before a scan (SOS)")
-        if data[i] != 0xFF:
-            raise BadImage(f"expected a marker at byte {i}, found 0x{data[i]:02x}")
-        marker = data[i + 1]
-        kind = _MARKERS[marker]
-        if kind == _SEGMENT:
-            length = (data[i + 2] << 8) | data[i + 3]
-            i += 2 + length
-            if length < 2 or i > last:
-                raise BadImage(f"segment 0xff{marker:02x} ending at byte {i} has length {length}, past the end")
-            continue
-        if kind == _FILL:
-            i += 1
-            continue
-        if kind == _STANDALONE:
-            i += 2
-            continue
-        if kind in (_BAD, _SOF_UNSUPPORTED):
-            what = "unsupported JPEG process (frame marker" if kind == _SOF_UNSUPPORTED else "unexpected marker ("
-            raise BadImage(f"{what} 0xff{marker:02x} at byte {i})")
-        length = (data[i + 2] << 8) | data[i + 3]
-        end = i + 2 + length
-        if length < 2 or end > last:
-            raise BadImage(f"segment 0xff{marker:02x} at byte {i} has length {length}, past the end")
-        if kind == _SOS:
-            if size is None:
-                raise BadImage("a scan (SOS) before any frame header (SOF)")
-            if length < 8 or end >= last:
-                raise BadImage(f"scan header at byte {i} is malformed or has no scan data")
-            return size
-        # kind == _SOF
-        if size is not None:
-            raise BadImage(f"a second frame header at byte {i}")
-        if length < 11:
-            raise BadImage(f"frame header at byte {i} is too short ({length})")
-        components = data[i + 9]
-        if data[i + 4] != 8 or components not in (1, 3) or length != 8 + 3 * components:
-            raise BadImage(f"frame header at byte {i}: precision {data[i + 4]}, {components} components, "
-                           f"length {length} (need 8-bit, 1 or 3 components)")
-        height = (data[i + 5] << 8) | data[i + 6]
-        width = (data[i + 7] << 8) | data[i + 8]
-        if width == 0 or height == 0:
-            raise BadImage(f"frame header declares {width}x{height}")
-        size = (width, height)
-        i = end
-
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_IHDR = b"\x00\x00\x00\x0dIHDR"
-_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
-_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
-_U32 = struct.Struct(">I")
-_IHDR = struct.Struct(">IIBBBBBI")
-
-
-def png_size(data: bytes) -> tuple[int, int]:
-    """(width, height) of a structurally whole PNG; raises :class:`BadImage` on garbage or truncation.
-
-    Checks the signature, IHDR (fields and CRC), that the chunks chain up to IEND as the very last bytes
-    and that there is image data (IDAT); the compressed data itself is not inflated.
-    """
-    n = len(data)
-    if n < 57 or data[:8] != _PNG_SIGNATURE:  # signature + IHDR (25) + a minimal IDAT (12) + IEND (12)
-        raise BadImage("no PNG signature, or too short for a PNG")
-    if data[8:16] != _PNG_IHDR:
-        raise BadImage("the first chunk is not a 13-byte IHDR")
-    width, height, depth, colour, compression, filtering, interlace, crc = _IHDR.unpack_from(data, 16)
-    if zlib.crc32(data[12:29]) != crc:
-        raise BadImage("IHDR CRC mismatch")
-    if width == 0 or height == 0 or depth not in _PNG_DEPTHS.get(colour, ()) or compression or filtering \
-            or interlace > 1:
-        raise BadImage(f"IHDR: {width}x{height}, bit depth {depth}, colour type {colour}, compression {compression}, "
-                       f"filter {filtering}, interlace {interlace}")
-    if data[n - 12:] != _PNG_IEND:
-        raise BadImage("no IEND chunk at the end (truncated, or bytes after the image)")
-    i, last, idat = 33, n - 12, False
-    while i < last:
-        if i + 12 > last:
-            raise BadImage(f"chunk at byte {i} runs past IEND")
-        length = _U32.unpack_from(data, i)[0]
-        kind = data[i + 4:i + 8]
-        if kind == b"IDAT":
-            idat = True
-        elif kind == b"IEND" or kind == b"IHDR":
-            raise BadImage(f"unexpected {kind.decode()} chunk at byte {i}")
-        i += 12 + length
-    if i != last:
-        raise BadImage(f"chunk lengths do not add up to IEND (at byte {i}, IEND at {last})")
-    if not idat:
-        raise BadImage("no IDAT chunk (no image data)")
-    return width, height
 
 
 def full_decode_problem(data: bytes, encoding: str, width: int, height: int) -> str | None:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from infra.registry import registry_client
+
 log = logging.getLogger("sop.processor.values")
 
 
@@ -28,9 +30,8 @@ class RegistryValueSource:
 
     def _latest(self) -> str | None:
         from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        client = registry_client(self.tracking_uri)
         try:
             if self.alias:
                 try:
@@ -52,10 +53,9 @@ class RegistryValueSource:
         if latest is None or latest == self.version:
             return
         import mlflow.pyfunc
-        from mlflow.tracking import MlflowClient
 
         try:
-            client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+            client = registry_client(self.tracking_uri)
             source = client.get_model_version_download_uri(self.name, latest)
             model = mlflow.pyfunc.load_model(source).unwrap_python_model()
             if not hasattr(model, "values_for_rows"):

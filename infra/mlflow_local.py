@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.kafka import StackError, _pid_alive
+from infra.registry import registry_client
 
 EXPERIMENT = "sop"
 
@@ -37,9 +38,8 @@ def ensure_experiment(tracking_uri: str, artifact_root: Path, name: str = EXPERI
     Without an explicit artifact location MLflow would write artifacts to ``./mlruns`` of whatever
     directory a process happens to run in; pinning it keeps every process on the same root.
     """
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = registry_client(tracking_uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id

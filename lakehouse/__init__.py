@@ -39,6 +39,7 @@ from lakehouse.errors import (
     VersionNotFoundError,
     WriteConflictError,
 )
+from lakehouse.lake import Lakehouse
 from lakehouse.maintenance import (
     Commit,
     CompactionResult,
@@ -58,7 +59,6 @@ from lakehouse.tables import (
     INTERVENTIONS,
     STEPS,
     TABLES,
-    Lakehouse,
     TableSpec,
     conform,
     spec_of,

@@ -24,7 +24,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from lakehouse.errors import LakehouseError, QueryError, TableNotFoundError, VersionNotFoundError
-from lakehouse.tables import TABLES, Lakehouse
+from lakehouse.lake import Lakehouse
+from lakehouse.tables import TABLES
 
 Format = Literal["csv", "json", "parquet"]
 FORMATS: tuple[Format, ...] = ("csv", "json", "parquet")

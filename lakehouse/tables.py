@@ -1,4 +1,5 @@
-"""The lakehouse's Delta tables: their Arrow schemas, partitioning, and the :class:`Lakehouse` that opens them.
+"""The lakehouse's Delta tables: their Arrow schemas, partitioning, conforming rows, time travel
+(``lakehouse.lake.Lakehouse`` opens them).
 
 Tables (all under one root, ``<root>/<name>``):
 
@@ -23,25 +24,18 @@ repository); ``tests/unit/lakehouse/test_tables.py`` reads the ``.avsc`` files a
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
-from deltalake import Field as DeltaField
-from deltalake.exceptions import CommitFailedError, DeltaError
-from deltalake.exceptions import TableNotFoundError as DeltaTableNotFoundError
+from deltalake.exceptions import DeltaError
 
-from lakehouse.errors import SchemaMismatchError, TableNotFoundError, UnknownTableError, VersionNotFoundError
-
-if TYPE_CHECKING:
-    from lakehouse.writer import ExactlyOnceWriter
+from lakehouse.errors import SchemaMismatchError, UnknownTableError, VersionNotFoundError
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 # Delta names list items "element"; using the same name here keeps schemas read back from a table equal to ours.
@@ -337,139 +331,3 @@ def time_travel(table: DeltaTable, as_of: int | str | datetime) -> None:
         raise VersionNotFoundError(
             f"{table.table_uri} has no version {as_of!r} ({exc}); list its versions with `history`"
         ) from exc
-
-
-def _widens(old: pa.DataType, new: pa.DataType) -> bool:
-    """``new`` is ``old`` with nullable fields added inside structs (at any depth, lists included)."""
-    if old == new:
-        return True
-    if pa.types.is_list(old) and pa.types.is_list(new):
-        return _widens(old.value_type, new.value_type)
-    if pa.types.is_struct(old) and pa.types.is_struct(new):
-        have = {f.name: f for f in old}
-        for f in new:
-            if f.name in have:
-                if not _widens(have[f.name].type, f.type):
-                    return False
-            elif not f.nullable:
-                return False
-        return all(f.name in {g.name for g in new} for f in old)
-    return False
-
-
-def _schema_drift(spec: TableSpec, existing: pa.Schema) -> tuple[list[pa.Field], list[str], list[str]]:
-    """Columns to add to an existing table, columns that gained nested nullable fields (a schema-merging write
-    adds them), and columns whose type differs otherwise (not fixable automatically)."""
-    to_add = [f for f in spec.schema if f.name not in existing.names]
-    common = [f for f in spec.schema if f.name in existing.names and existing.field(f.name).type != f.type]
-    widened = [f.name for f in common if _widens(existing.field(f.name).type, f.type)]
-    differ = [f"{f.name}: table has {existing.field(f.name).type}, definition says {f.type}"
-              for f in common if f.name not in widened]
-    return to_add, widened, differ
-
-
-def _merged(existing: pa.Schema, target: pa.Schema) -> pa.Schema:
-    """The table's columns in its own order, with the definition's (widened) types, then any new ones."""
-    fields = [target.field(f.name) if f.name in target.names else f for f in existing]
-    return pa.schema(fields + [f for f in target if f.name not in existing.names])
-
-
-class Lakehouse:
-    """The root under which the tables live: a local path or an object-store URI (``s3://bucket/lake``).
-
-    ``storage_options`` go to delta-rs unchanged (credentials, endpoint, ...). Several writers on one
-    S3-compatible table need safe commits from the store: per the delta-rs docs, MinIO and R2 take
-    ``{"aws_conditional_put": "etag"}``.
-    """
-
-    def __init__(self, root: str | Path, *, storage_options: Mapping[str, str] | None = None) -> None:
-        self.root = str(root)
-        self.storage_options: dict[str, str] | None = dict(storage_options) if storage_options else None
-        self._checked: set[str] = set()
-
-    def __repr__(self) -> str:
-        return f"Lakehouse({self.root!r})"
-
-    def uri(self, name: str) -> str:
-        spec_of(name)
-        return join_uri(self.root, name)
-
-    def exists(self, name: str) -> bool:
-        return DeltaTable.is_deltatable(self.uri(name), self.storage_options)
-
-    def existing(self) -> list[str]:
-        """Names of the defined tables that exist under the root."""
-        return [name for name in TABLES if self.exists(name)]
-
-    def table(self, name: str, *, create: bool = True, as_of: int | str | datetime | None = None) -> DeltaTable:
-        """Open table ``name``, creating it empty when absent and ``create`` (never when time travelling).
-
-        ``as_of`` opens an older state: a version number, a datetime (naive = UTC) or an ISO-8601 string.
-        An existing table missing columns of the current definition gets them added (nullable ones only);
-        a column of a different type raises :class:`SchemaMismatchError`.
-        """
-        spec = spec_of(name)
-        uri = self.uri(name)
-        try:
-            dt = DeltaTable(uri, storage_options=self.storage_options)
-        except DeltaTableNotFoundError:
-            if not create or as_of is not None:
-                raise TableNotFoundError(name, self.root, self.existing()) from None
-            dt = self._create(spec, uri)
-        if name not in self._checked:
-            self._reconcile(spec, dt)
-            self._checked.add(name)
-        if as_of is not None:
-            time_travel(dt, as_of)
-        return dt
-
-    def create_all(self) -> dict[str, DeltaTable]:
-        return {name: self.table(name) for name in TABLES}
-
-    def writer(self, name: str, *, app_id_prefix: str, topic: str | None = None) -> ExactlyOnceWriter:
-        """An :class:`~lakehouse.writer.ExactlyOnceWriter` on table ``name`` (created when absent)."""
-        from lakehouse.writer import ExactlyOnceWriter
-
-        return ExactlyOnceWriter(self.table(name), app_id_prefix, spec=spec_of(name), topic=topic)
-
-    def _create(self, spec: TableSpec, uri: str) -> DeltaTable:
-        with contextlib.suppress(CommitFailedError):  # another process created it at the same moment
-            DeltaTable.create(uri, spec.schema, mode="ignore", partition_by=list(spec.partition_by),
-                              name=spec.name, description=spec.description,
-                              configuration=spec.configuration, storage_options=self.storage_options)
-        return DeltaTable(uri, storage_options=self.storage_options)
-
-    def _reconcile(self, spec: TableSpec, dt: DeltaTable) -> None:
-        existing = arrow_schema(dt)
-        if list(dt.metadata().partition_columns) != list(spec.partition_by):
-            raise SchemaMismatchError(
-                f"{spec.name} at {dt.table_uri} is partitioned by {dt.metadata().partition_columns}, the definition "
-                f"says {list(spec.partition_by)}: rewrite the table or point SOP_LAKE_URI at a new root"
-            )
-        to_add, widened, differ = _schema_drift(spec, existing)
-        if differ:
-            raise SchemaMismatchError(
-                f"{spec.name} at {dt.table_uri} has columns of other types than its definition ({'; '.join(differ)}): "
-                f"rewrite the table or point SOP_LAKE_URI at a new root"
-            )
-        required = [f.name for f in to_add if not f.nullable]
-        if required:
-            raise SchemaMismatchError(
-                f"{spec.name} at {dt.table_uri} lacks required column(s) {required}: new columns of an existing "
-                f"table must be nullable; make them so in lakehouse/tables.py or rewrite the table"
-            )
-        if to_add:
-            try:
-                dt.alter.add_columns([DeltaField.from_arrow(f) for f in to_add])
-            except DeltaError as exc:
-                raise SchemaMismatchError(f"could not add columns {[f.name for f in to_add]} to {spec.name}: {exc}") from exc
-        if widened:  # new nested fields (e.g. images[].capture_time_us): an empty append that merges the schema
-            from deltalake import write_deltalake
-
-            try:
-                dt.update_incremental()
-                write_deltalake(dt, _merged(arrow_schema(dt), spec.schema).empty_table(), mode="append",
-                                schema_mode="merge")
-                dt.update_incremental()
-            except DeltaError as exc:
-                raise SchemaMismatchError(f"could not add nested fields to {widened} of {spec.name}: {exc}") from exc

@@ -1,12 +1,13 @@
 """The learner: the VLA policy and value models, HG-DAgger and RECAP, the adaptive online/offline sampler,
 the training loop, and publishing versions to the MLflow registry.
 
-Modules (import them directly; this file imports nothing, so ``learner.recap`` stays torch-free):
+It imports only ``lakehouse`` (the tables it reads) and ``rewards`` (the RECAP maths it shares with the stream
+processor); it never imports the robots (``producers``, ``sim``), the processor (``consumers``) or the CLI.
 
-- ``config``      frozen, validated settings (EncoderConfig, ModelConfig, ValueConfig, RecapConfig,
-                  SamplerConfig, TrainConfig) and their JSON round trip
-- ``recap``       numpy-only rewards, returns, advantages, indicators; the stream processor (``consumers``)
-                  imports it too, so both sides compute RECAP identically
+Modules (import them directly; this file imports nothing, so a light module stays torch-free):
+
+- ``config``      frozen, validated settings (EncoderConfig, ModelConfig, ValueConfig, SamplerConfig, TrainConfig;
+                  RecapConfig re-exported from ``rewards.config``) and their JSON round trip
 - ``text``        frozen MiniLM sentence encoder with memory/disk caches; ``EmbeddingTable``
 - ``batch``       stored step rows -> labels (``prepare_episode``) -> lazily decoded ``Batch``
 - ``model``       ``VLAPolicy`` (CNN or ViT images + instruction + proprio + RECAP indicator -> action chunk),
@@ -23,8 +24,6 @@ Modules (import them directly; this file imports nothing, so ``learner.recap`` s
 - ``promotion``   ``promote`` / ``rollback`` with a champion history, ``PromotionGate`` on live success
 - ``pretrain``    ``pretrain_policy`` (behaviour cloning on demonstrations), ``pretrain_value``
 - ``ddp``         DistributedDataParallel under torchrun (gloo on CPU, NCCL on GPU)
-- ``demos_io``    ``write_demonstrations`` / ``make_demonstrations``: demonstrations into Delta, exactly once
-- ``evaluation``  ``evaluate_policy``: seeded held-out episodes per task in the simulator (imports ``producers``)
 - ``synthetic``   step rows shaped like the tables, ``HashEmbedder``: for tests and benchmarks
 
 ``run_learning`` does all of the following; the loop, by hand::

@@ -15,7 +15,7 @@ import torch
 from learner.batch import Batch, Source
 from learner.config import RecapConfig
 from learner.model import Condition, VLAPolicy
-from learner.recap import DROPPED, NEGATIVE, POSITIVE, UNKNOWN, epsilon_for_share
+from rewards.recap import DROPPED, NEGATIVE, POSITIVE, UNKNOWN, epsilon_for_share
 
 LossOutput = tuple[torch.Tensor, torch.Tensor, dict[str, float]]
 

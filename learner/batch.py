@@ -20,8 +20,8 @@ from PIL import Image
 
 from learner.config import EncoderConfig
 from learner.quarantine import MISSING_CAMERA, RejectedRows, RowRejected, decode_row_image
-from learner.recap import UNKNOWN
 from learner.text import TextEmbedder
+from rewards.recap import UNKNOWN
 
 Row = dict[str, Any]
 Source = Literal["online", "offline"]

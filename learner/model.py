@@ -16,8 +16,8 @@ from torch import nn
 
 from learner.batch import Batch, ObservationLike, images_to_tensor, observation_images
 from learner.config import EncoderConfig, ModelConfig
-from learner.recap import DROPPED, POSITIVE
 from learner.text import TextEmbedder
+from rewards.recap import DROPPED, POSITIVE
 
 Condition = Literal["positive", "unconditioned"]
 

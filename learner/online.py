@@ -36,6 +36,7 @@ import torch
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
+from infra.registry import registry_client
 from lakehouse import Lakehouse
 from learner import registry
 from learner.algorithms import Recap, make_algorithm
@@ -117,7 +118,7 @@ class Resumed:
 
 def load_resumable(name: str, *, tracking_uri: str | None, max_tries: int = 5) -> registry.RegisteredVersion | None:
     """The newest version of ``name`` that loads; a version whose upload a crash cut short is skipped."""
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = registry_client(tracking_uri)
     try:
         versions = sorted((int(v.version) for v in client.search_model_versions(f"name='{name}'")), reverse=True)
     except Exception:  # no registered model yet
@@ -254,7 +255,7 @@ def run_learning(config: LearnConfig, *, lake: Lakehouse, tracking_uri: str | No
                               spec=RowSpec.for_policy(model_cfg))
     feeder = DeltaFeeder(lake, sampler, config.feeder)
 
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri) if main else None
+    client = registry_client(tracking_uri) if main else None
     run_id: str | None = None
     if client is not None:
         exp_id = registry.experiment_id(client, config.experiment)

@@ -47,7 +47,7 @@ def _feed(lake: Lakehouse, sampler: AdaptiveSampler, tables: tuple[str, ...],
     if not any(sizes.get("offline", 0) for sizes in sampler.sizes().values()):
         where = f" for tasks {list(tasks)}" if tasks else ""
         raise NoDemonstrations(f"no demonstrations in {lake.uri(DEMONSTRATIONS.name)}{where}: "
-                               "write them first (`sop demos`, or learner.demos_io.make_demonstrations)")
+                               "write them first (`sop demos`, or sim.demos_io.make_demonstrations)")
     return feeder
 
 

@@ -27,6 +27,7 @@ from typing import Literal
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from infra.registry import registry_client
 from lakehouse import EPISODES, IncrementalReader, Lakehouse
 from learner.config import ConfigError
 
@@ -46,7 +47,7 @@ class PromotionError(RuntimeError):
 
 
 def _client(tracking_uri: str | None) -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    return registry_client(tracking_uri)
 
 
 def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from learner.config import EncoderConfig, ModelConfig
+from schemas.images import image_dimensions
 
 log = logging.getLogger("sop.learner.quarantine")
 
@@ -122,46 +123,6 @@ def _vector_problem(value: Any, length: int | None, *, length_reason: str, finit
         return length_reason, f"{name} has shape {arr.shape}, the model expects ({length},)"
     if not np.isfinite(arr).all():
         return finite_reason, f"{name} holds non-finite values"
-    return None
-
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# JPEG start-of-frame markers (they carry the frame's size); C4, C8 and CC are other segments.
-_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-
-
-def image_dimensions(data: bytes | bytearray | memoryview) -> tuple[int, int] | None:
-    r"""``(width, height)`` read from a JPEG's frame header or a PNG's IHDR, or None when the bytes are neither
-    (or the header is cut). A few segment hops: ~10x cheaper than ``PIL.Image.open``.
-
-    >>> image_dimensions(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x40\x00\x00\x00\x20")
-    (64, 32)
-    """
-    data = bytes(data[:65536]) if not isinstance(data, bytes) else data
-    if data[:8] == _PNG_SIGNATURE:
-        if len(data) >= 24 and data[12:16] == b"IHDR":
-            return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-        return None
-    if data[:2] != b"\xff\xd8":
-        return None
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-            i += 2
-            continue
-        if marker in _JPEG_SOF:
-            if i + 9 > n:
-                return None
-            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
-        if marker in (0xDA, 0xD9):  # scan or end before any frame header
-            return None
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
     return None
 
 

@@ -38,6 +38,7 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from infra.registry import ensure_registered_model, experiment_id, registry_client
 from learner.config import ModelConfig, ValueConfig, from_dict, to_dict
 from learner.model import Condition, PolicyRuntime, VLAPolicy
 from learner.text import EmbeddingTable, SentenceEncoder
@@ -191,30 +192,7 @@ def _as_observation(obj: Any) -> Any:
 
 # ---- registering -----------------------------------------------------------------------------------------
 def _client(tracking_uri: str | None) -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking_uri)
-
-
-def experiment_id(client: MlflowClient, experiment: str, *, artifact_location: str | None = None) -> str:
-    """The id of ``experiment`` (a name or an id), created if missing."""
-    found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        return found.experiment_id
-    if experiment.isdigit():
-        try:
-            return client.get_experiment(experiment).experiment_id
-        except MlflowException:
-            pass
-    return client.create_experiment(experiment, artifact_location=artifact_location)
-
-
-def _ensure_registered_model(client: MlflowClient, name: str) -> None:
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        try:
-            client.create_registered_model(name)
-        except MlflowException:  # created concurrently
-            client.get_registered_model(name)
+    return registry_client(tracking_uri)
 
 
 def _tags(metrics: Mapping[str, float], lineage: Mapping[str, Any]) -> dict[str, str]:
@@ -241,7 +219,7 @@ def _register(*, wrapper: Callable[[str], mlflow.pyfunc.PythonModel], write: Cal
               tracking_uri: str | None, experiment: str, run_id: str | None, step: int | None) -> str:
     client = _client(tracking_uri)
     exp_id = experiment_id(client, experiment)
-    _ensure_registered_model(client, name)
+    ensure_registered_model(client, name)
     tags = _tags(metrics, lineage)
     logged = client.create_logged_model(experiment_id=exp_id, name=name, source_run_id=run_id, tags=tags)
     # The artifact location rather than "models:/<model_id>", and the model id only along with a run id:

@@ -8,16 +8,15 @@ actions have the simulator's sizes, and the RECAP columns are filled as the stre
 from __future__ import annotations
 
 import hashlib
-import io
 import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from lakehouse import Lakehouse
-from learner.recap import episode_targets
+from rewards.recap import episode_targets
+from schemas.images import jpeg_pool
 
 SYNTHETIC_INSTRUCTIONS = {
     "pick-place-v3": "pick up the puck and place it at the goal",
@@ -49,25 +48,6 @@ class HashEmbedder:
     def table(self, texts: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         names = list(texts) if texts is not None else list(SYNTHETIC_INSTRUCTIONS.values())
         return dict(zip(names, self.embed(names), strict=True))
-
-
-def jpeg_pool(n: int, size: int, seed: int = 0) -> list[bytes]:
-    """``n`` JPEG frames of ``size`` x ``size``: a smooth background with a few coloured blobs."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    frames = []
-    for _ in range(n):
-        img = np.zeros((size, size, 3), np.float32)
-        for c in range(3):
-            img[..., c] = 90 + 60 * np.sin(rng.uniform(1, 4) * xx + rng.uniform(0, 6)) * np.cos(rng.uniform(1, 4) * yy)
-        for _ in range(3):
-            cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.05, 0.15)
-            img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.uniform(0, 255, 3)
-        img += rng.normal(0, 6, img.shape)
-        buf = io.BytesIO()
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
-        frames.append(buf.getvalue())
-    return frames
 
 
 def synthetic_episode(task: str, length: int, rng: np.random.Generator, *, episode_id: str, demo: bool,

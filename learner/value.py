@@ -1,6 +1,6 @@
 """The distributional value model of RECAP: a categorical distribution over the normalised return.
 
-Targets are Monte-Carlo returns (``learner.recap.normalised_returns``) projected onto the two nearest bins
+Targets are Monte-Carlo returns (``rewards.recap.normalised_returns``) projected onto the two nearest bins
 (a "two-hot" target), so the cross-entropy's minimiser has the right expectation while the readout stays
 the distribution's mean. The value model is trained offline and frozen during online training.
 """

@@ -31,7 +31,6 @@ from producers.interfaces import (
     Robot,
     StepResult,
 )
-from producers.sim.tasks import ONLINE_SEEDS
 from schemas.records import EpisodeEvent, InterventionEvent, Outcome, Step
 
 EPISODE_END = "episode-end"
@@ -278,7 +277,9 @@ def run_episode(
 class ActorConfig:
     actor_id: str
     control_hz: float | None = None  # None: as fast as the machine allows
-    seed_start: int = ONLINE_SEEDS.start  # episode n runs seed seed_start + n * seed_stride
+    # Episode n runs seed seed_start + n * seed_stride; the caller owns the seed ranges (the simulated
+    # fleet starts at sim.tasks.ONLINE_SEEDS.start, so its episodes never reuse a demonstration seed).
+    seed_start: int = 0
     seed_stride: int = 1  # N actors sharing a seed range: stride N, start offset by actor index
     max_episodes: int | None = None  # None: until stopped
     image_encoding: str = "jpeg"

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import IO, Any
 
 from producers.interfaces import EpisodeStats, EventSink
-from producers.sim.tasks import ONLINE_SEEDS
 
 RUNNING, STOPPING, DONE, FAILED = "running", "stopping", "done", "failed"
 
@@ -226,15 +225,19 @@ class FleetMember:
 
 
 def plan_fleet(
-    actors: int, tasks: Sequence[str], *, id_prefix: str = "actor", seed_start: int = ONLINE_SEEDS.start
+    actors: int, tasks: Sequence[str], *, seeds: range, id_prefix: str = "actor", seed_start: int | None = None
 ) -> list[FleetMember]:
-    """Ids, interleaved seeds and rotated task orders for ``actors`` actors (see the module doc)."""
+    """Ids, interleaved seeds and rotated task orders for ``actors`` actors (see the module doc).
+
+    ``seeds`` is the range the fleet may use (the simulated fleet passes ``sim.tasks.ONLINE_SEEDS``);
+    ``seed_start`` (default ``seeds.start``) must lie in it."""
     if actors < 1:
         raise ValueError(f"a fleet needs at least 1 actor, got {actors}")
     if not tasks:
         raise ValueError("a fleet needs at least one task")
-    if seed_start not in ONLINE_SEEDS:
-        raise ValueError(f"seed_start {seed_start} must lie in the online seeds {ONLINE_SEEDS.start}..{ONLINE_SEEDS.stop - 1}")
+    seed_start = seeds.start if seed_start is None else seed_start
+    if seed_start not in seeds:
+        raise ValueError(f"seed_start {seed_start} must lie in the fleet's seeds {seeds.start}..{seeds.stop - 1}")
     tasks = tuple(tasks)
     return [
         FleetMember(

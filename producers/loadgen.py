@@ -9,7 +9,6 @@ action and human takeovers at a configurable rate; records are the real wire rec
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 import uuid
@@ -18,9 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
 from producers.interfaces import EventSink
+from schemas.images import jpeg_pool
 
 TASKS = ("pick-place-v3", "assembly-v3", "drawer-open-v3", "box-close-v3")
 INSTRUCTIONS = {
@@ -90,26 +89,6 @@ class LoadGenReport:
     @property
     def steps_per_s(self) -> float:
         return self.steps / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-
-def jpeg_pool(n: int, size: int, seed: int) -> list[bytes]:
-    """Pre-encoded JPEG frames that look like a tabletop scene (smooth background, a few blobs)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    frames = []
-    for _ in range(n):
-        img = np.zeros((size, size, 3), np.float32)
-        for c in range(3):
-            img[..., c] = 90 + 60 * np.sin(rng.uniform(1, 4) * xx + rng.uniform(0, 6)) * np.cos(rng.uniform(1, 4) * yy)
-        for _ in range(3):
-            cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.05, 0.15)
-            mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
-            img[mask] = rng.uniform(0, 255, 3)
-        img += rng.normal(0, 6, img.shape)
-        buf = io.BytesIO()
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
-        frames.append(buf.getvalue())
-    return frames
 
 
 @dataclass

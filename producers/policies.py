@@ -1,6 +1,6 @@
 """The runtime side of a registered policy: loading an MLflow model version into a ready-to-act
-:class:`~producers.interfaces.Policy`, and the scripted expert packaged as an MLflow pyfunc so it
-can stand in as ``sop-policy`` before the learner registers a learned one.
+:class:`~producers.interfaces.Policy`, and ``register_policy`` for any ``PythonModel`` that follows the
+contract below (the simulated world registers its scripted expert with it: ``sim.expert_pyfunc``).
 
 Contract for every policy registered in MLflow: a ``mlflow.pyfunc.PythonModel`` whose
 ``unwrap_python_model()`` has ``.act(observation) -> np.ndarray`` and a ``.version`` attribute.
@@ -13,15 +13,13 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import mlflow
-import numpy as np
 from mlflow.entities import LoggedModelStatus
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
-from producers.interfaces import Observation, Policy
+from infra import registry
+from infra.registry import registry_client
+from producers.interfaces import Policy
 
 DEFAULT_MODEL_NAME = "sop-policy"
 DEFAULT_ALIAS = "champion"
@@ -49,7 +47,7 @@ def resolve_model_version(model_uri: str, *, tracking_uri: str | None = None, re
     name, version, alias = parse_model_uri(model_uri)
     if version is not None:
         return version
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
+    client = registry_client(tracking_uri, registry_uri)
     return str(client.get_model_version_by_alias(name, alias).version)
 
 
@@ -68,7 +66,7 @@ def load_policy_from_registry(
     if model_uri.startswith("models:/"):
         name = parse_model_uri(model_uri)[0]
         version = resolve_model_version(model_uri, tracking_uri=tracking_uri, registry_uri=registry_uri)
-        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
+        client = registry_client(tracking_uri, registry_uri)
         # The version's storage location is a plain artifact URI (file://, s3://, ...): downloading it
         # needs no registry lookup, which MLflow 3.17 would do against the process-wide registry URI.
         model_uri = client.get_model_version_download_uri(name, version)
@@ -82,66 +80,6 @@ def load_policy_from_registry(
     if version is not None:
         policy.version = version
     return policy
-
-
-class ExpertPyfunc(mlflow.pyfunc.PythonModel):
-    """The (noisy) scripted expert as an MLflow pyfunc and a :class:`Policy`.
-
-    ``predict`` takes rows with ``task`` and ``proprio`` (the 39-d state) and returns actions
-    (n, 4); actors use :meth:`act`.
-    """
-
-    def __init__(self, *, noise_sigma: float = 0.0, seed: int | None = None, version: str = "expert") -> None:
-        self.noise_sigma = noise_sigma
-        self.seed = seed
-        self.version = version
-        self._policy: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_policy": None}
-
-    def _expert(self) -> Any:
-        if self._policy is None:
-            from producers.sim.expert import ExpertPolicy  # imports MetaWorld
-
-            self._policy = ExpertPolicy(noise_sigma=self.noise_sigma, seed=self.seed, version=self.version)
-        return self._policy
-
-    def act(self, observation: Observation) -> np.ndarray:
-        return self._expert().act(observation)
-
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
-        rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
-        observations = [
-            Observation(
-                images={}, proprio=np.asarray(row["proprio"], dtype=np.float32), instruction="", task=row["task"]
-            )
-            for row in rows
-        ]
-        return np.stack([self.act(obs) for obs in observations]) if observations else np.zeros((0, 4), np.float32)
-
-
-def _experiment_id(client: MlflowClient, experiment: str, artifact_location: str | None) -> str:
-    found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        return found.experiment_id
-    if artifact_location is None:
-        # MLflow would otherwise put artifacts under ./mlruns of whatever directory this runs in.
-        raise ValueError(
-            f"MLflow experiment {experiment!r} does not exist; "
-            "pass artifact_location=... to create it with a fixed artifact root"
-        )
-    return client.create_experiment(experiment, artifact_location=artifact_location)
-
-
-def _ensure_registered_model(client: MlflowClient, name: str) -> None:
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        try:
-            client.create_registered_model(name)
-        except MlflowException:  # created concurrently by another process
-            client.get_registered_model(name)
 
 
 def register_policy(
@@ -162,9 +100,10 @@ def register_policy(
     Only ``MlflowClient`` calls: the process-wide tracking URI is neither read nor changed.
     The experiment is created with ``artifact_location`` if it does not exist yet.
     """
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    experiment_id = _experiment_id(client, experiment, artifact_location)
-    _ensure_registered_model(client, model_name)
+    client = registry_client(tracking_uri)
+    experiment_id = registry.experiment_id(client, experiment, artifact_location=artifact_location,
+                                          require_location=True)
+    registry.ensure_registered_model(client, model_name)
     logged = client.create_logged_model(experiment_id=experiment_id, name=model_name, tags=tags)
     created = client.create_model_version(model_name, source=logged.artifact_location, tags=tags)
     version = str(created.version)
@@ -181,25 +120,3 @@ def register_policy(
     if alias is not None:
         client.set_registered_model_alias(model_name, alias, version)
     return version
-
-
-def register_expert_policy(
-    tracking_uri: str,
-    *,
-    noise_sigma: float = 0.2,
-    seed: int | None = None,
-    model_name: str = DEFAULT_MODEL_NAME,
-    alias: str | None = DEFAULT_ALIAS,
-    experiment: str = DEFAULT_EXPERIMENT,
-    artifact_location: str | None = None,
-) -> str:
-    """Register the noisy scripted expert as a version of ``model_name`` (a stand-in policy)."""
-    return register_policy(
-        lambda version: ExpertPyfunc(noise_sigma=noise_sigma, seed=seed, version=version),
-        tracking_uri,
-        model_name=model_name,
-        alias=alias,
-        experiment=experiment,
-        artifact_location=artifact_location,
-        tags={"sop.policy": "scripted-expert", "sop.noise_sigma": str(noise_sigma)},
-    )

@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from infra.registry import registry_client
 from producers.interfaces import Observation, Policy
 from producers.policies import DEFAULT_ALIAS, DEFAULT_MODEL_NAME
-from producers.sim.tasks import DEFAULT_SUITE, task_spec
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -100,12 +100,12 @@ class Refusal:
     at: float
 
 
-def default_probe(task: str = DEFAULT_SUITE[0], *, image_size: int = 64, camera: str = "corner") -> Observation:
-    """A neutral observation to vet a version with when no robot observation is at hand."""
+def default_probe(task: str, instruction: str, *, image_size: int = 64, camera: str = "corner") -> Observation:
+    """A neutral observation of ``task`` to vet a version with when no robot observation is at hand."""
     return Observation(
         images={camera: np.zeros((image_size, image_size, 3), dtype=np.uint8)},
         proprio=np.zeros(PROBE_STATE_DIM, dtype=np.float32),
-        instruction=task_spec(task).instruction,
+        instruction=instruction,
         task=task,
     )
 
@@ -142,13 +142,13 @@ class RegistryPolicySource:
         self,
         config: RegistrySourceConfig,
         *,
-        probe: Observation | None = None,
+        probe: Observation,
         loader: Loader | None = None,
         resolver: Resolver | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        self.probe = probe if probe is not None else default_probe()
+        self.probe = probe  # the robot's own first observation, or default_probe(task, instruction)
         self._loader = loader or self._load_from_mlflow
         self._resolver = resolver or self._resolve_with_mlflow
         self._clock = clock
@@ -331,10 +331,9 @@ class RegistryPolicySource:
     # -- MLflow ------------------------------------------------------------------------------------------------
     def _mlflow_client(self) -> MlflowClient:
         if self._client is None:
-            from mlflow.tracking import MlflowClient
 
             uri = self.config.tracking_uri
-            self._client = MlflowClient(tracking_uri=uri, registry_uri=self.config.registry_uri or uri)
+            self._client = registry_client(uri, self.config.registry_uri)
         return self._client
 
     def _resolve_with_mlflow(self) -> str | None:

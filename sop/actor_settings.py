@@ -15,10 +15,10 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producers.images import DEFAULT_JPEG_QUALITY
-from producers.operator import OperatorConfig
-from producers.sim.tasks import DEFAULT_SUITE
 from producers.spool import SpoolConfig
-from sop.settings import SettingsError
+from sim.operator import OperatorConfig
+from sim.tasks import DEFAULT_SUITE
+from sop.settings import SettingsError, settings_error
 
 CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
 
@@ -58,7 +58,7 @@ class ActorSettings(BaseSettings):
     actor_spool_after_s: float = Field(
         30.0, gt=0, description="Spill once Kafka has acknowledged nothing for this long while messages wait.")
 
-    # the simulated operator (HG-DAgger gate, see producers/operator.py)
+    # the simulated operator (HG-DAgger gate, see sim/operator.py)
     operator_divergence_threshold: float = 0.5
     operator_gripper_weight: float = 0.25
     operator_takeover_after: int = 3
@@ -124,7 +124,7 @@ class ActorSettings(BaseSettings):
 
 def parse_tasks(text: str) -> tuple[str, ...]:
     """``"a,b"`` -> ("a", "b"), every name a known task (ValueError listing the known ones)."""
-    from producers.sim.tasks import TASKS
+    from sim.tasks import TASKS
 
     names = tuple(t.strip() for t in text.split(",") if t.strip())
     if not names:
@@ -140,13 +140,6 @@ def load_actor_settings(**overrides: object) -> ActorSettings:
     try:
         settings = ActorSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            name = ".".join(str(p) for p in err["loc"])
-            if not name:  # a rule across fields: its message names the variables
-                problems.append(err["msg"].removeprefix("Value error, "))
-                continue
-            problems.append(f"SOP_{name.upper()}: {err['msg']} (got {err.get('input')!r})")
-        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)) from None
+        raise settings_error(exc) from None
     settings.operator_config()  # the gate's own rules (e.g. gripper weight below the threshold)
     return settings

@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from sop.environment import check_environment
 from sop.processes import exit_with_parent
 from sop.settings import SettingsError
 
@@ -48,6 +49,7 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """SOP: scalable online post-training of robot policies (Kafka → faust → Delta → learner → MLflow → robots)."""
+    check_environment()  # a mistyped SOP_… variable is an error at start, not a setting silently left out
 
 
 def main() -> None:

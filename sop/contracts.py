@@ -22,13 +22,13 @@ from consumers.validation import (
     UnknownTasks,
     parse_task_contracts,
 )
-from producers.sim.tasks import TASKS
+from sim.tasks import TASKS
 from sop.settings import Settings
 
 if TYPE_CHECKING:
     from sop.actor_settings import ActorSettings
 
-# The simulated Sawyer's shapes; producers.sim.metaworld_robot holds them too but imports MuJoCo
+# The simulated Sawyer's shapes; sim.metaworld_robot holds them too but imports MuJoCo
 # (tests/unit/sop/test_contracts.py keeps the two equal).
 SIM_ACTION_DIM = 4
 SIM_PROPRIO_DIM = 39

@@ -22,7 +22,7 @@ from learner.config import (
     ValueConfig,
     from_dict,
 )
-from sop.settings import Settings, SettingsError
+from sop.settings import Settings, SettingsError, settings_error
 
 
 class LearnerSettings(BaseSettings):
@@ -128,11 +128,7 @@ def load_learner_settings(**overrides: object) -> LearnerSettings:
     try:
         return LearnerSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            name = ".".join(str(p) for p in err["loc"])
-            problems.append(f"SOP_{name.upper()}: {err['msg']} (got {err.get('input')!r})")
-        raise SettingsError("invalid learner settings:\n  " + "\n  ".join(problems)) from None
+        raise settings_error(exc, "invalid learner settings") from None
 
 
 # ---- what the learner commands share ---------------------------------------------------------------------

@@ -38,7 +38,7 @@ class LoopConfig:
     tasks: tuple[str, ...] | None = None  # None = the actors' default suite
     hz: float = 30.0
     operator: bool = True
-    demos_per_task: int | None = None  # None: the calibrated per-task counts of learner.demos_io
+    demos_per_task: int | None = None  # None: the calibrated per-task counts of sim.demos_io
     demo_noise: float = 0.2
     sampler: str = "adaptive"
     learn_args: tuple[str, ...] = ()
@@ -125,8 +125,8 @@ class ClosedLoop:
             self._run_to_end("demos", ["demos", "--episodes-per-task", str(self.config.demos_per_task),
                                        "--noise", str(self.config.demo_noise), *tasks])
         elif _demo_rows(self.settings) == 0:
-            # the counts per task that give a deliberately imperfect base policy (see learner.demos_io)
-            from learner.demos_io import BASE_DEMOS_PER_TASK, make_demonstrations
+            # the counts per task that give a deliberately imperfect base policy (see sim.demos_io)
+            from sim.demos_io import BASE_DEMOS_PER_TASK, make_demonstrations
 
             lake = Lakehouse(self.settings.lake_root, storage_options=self.settings.lake_storage_options or None)
             counts = {t: BASE_DEMOS_PER_TASK.get(t, 10) for t in (self.config.tasks or BASE_DEMOS_PER_TASK)}

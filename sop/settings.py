@@ -21,6 +21,19 @@ class SettingsError(ValueError):
     """A setting is invalid; the message names the ``SOP_…`` variable to fix."""
 
 
+def settings_error(exc: ValidationError, heading: str = "invalid settings") -> SettingsError:
+    """One :class:`SettingsError` for a settings class's ``ValidationError``: a line per problem naming its
+    ``SOP_…`` variable (a rule across fields names its variables in its own message)."""
+    problems = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"])
+        if not name:
+            problems.append(err["msg"].removeprefix("Value error, "))
+            continue
+        problems.append(f"SOP_{name.upper()}: {err['msg']} (got {err.get('input')!r})")
+    return SettingsError(f"{heading}:\n  " + "\n  ".join(problems))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SOP_", extra="ignore", frozen=True)
 
@@ -155,8 +168,4 @@ def load_settings(**overrides: object) -> Settings:
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"])
-            problems.append(f"SOP_{field.upper()}: {err['msg']} (got {err.get('input')!r})")
-        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)) from None
+        raise settings_error(exc) from None

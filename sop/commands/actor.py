@@ -36,7 +36,7 @@ from rich.text import Text
 
 from producers.fleet import ActorStatus, rate
 from producers.interfaces import EpisodeStats
-from producers.sim.tasks import ONLINE_SEEDS
+from sim.tasks import ONLINE_SEEDS
 from sop.actor_settings import ActorSettings, load_actor_settings, parse_tasks
 from sop.settings import Settings, load_settings
 
@@ -110,7 +110,7 @@ def ensure_policy(settings: Settings, actor_settings: ActorSettings) -> str | No
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from producers.policies import register_expert_policy
+    from sim.expert_pyfunc import register_expert_policy
 
     uri = settings.tracking_uri
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -137,10 +137,10 @@ def run_actor(run: ActorRun, *, settings: Settings, actor_settings: ActorSetting
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from producers.actor import Actor, ActorConfig
     from producers.fleet import DONE, FAILED, RUNNING, STOPPING, ActorMonitor
-    from producers.operator import GatedExpertOperator
     from producers.registry_source import NoPolicyYetError, RegistryPolicySource, RegistrySourceConfig
-    from producers.sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
     from producers.spool import SpoolError
+    from sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
+    from sim.operator import GatedExpertOperator
     from sop.commands.loadgen import make_publisher
 
     stop = stop_event or threading.Event()

@@ -3,8 +3,9 @@
     sop demos --episodes-per-task 10 --noise 0.2
     sop demos --episodes-per-task 25 --tasks drawer-open-v3,box-close-v3 --seed-start 100
 
-Every episode is one Delta commit carrying the application transaction ``sop-demos.<task>.seed-<seed>``:
-a rerun (or a run after a crash) skips the (task, seed) pairs the table already holds, and even two runs
+The verb parses and checks its options and calls the one demonstrations writer, ``sim.demos_io``: every
+episode is one Delta commit carrying the application transaction ``sop-demos.<task>.seed-<seed>``, so a
+rerun (or a run after a crash) skips the (task, seed) pairs the table already holds, and even two runs
 at once cannot write an episode twice. The reward and return columns come from the same RECAP functions
 the stream processor uses; value and advantage stay empty (demonstrations count as positive).
 """
@@ -12,8 +13,6 @@ the stream processor uses; value and advantage stay empty (demonstrations count 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
 
 import click
 from rich.console import Console
@@ -26,47 +25,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from producers.sim.tasks import DEMO_SEEDS
+from sim.tasks import DEMO_SEEDS
 from sop.actor_settings import load_actor_settings, parse_tasks
 from sop.settings import load_settings
-
-APP_ID_PREFIX = "sop-demos"
-STEP_COLUMNS = ("episode_id", "actor_id", "task", "instruction", "step_index", "event_time_us", "policy_version",
-                "images", "proprio", "action", "policy_action", "controller", "env_reward", "success")
-
-
-def demo_app_id(task: str, seed: int) -> str:
-    """The Delta application transaction that marks episode (task, seed) as written."""
-    return f"{APP_ID_PREFIX}.{task}.seed-{seed}"
-
-
-def demo_rows(records: Sequence[dict], *, max_episode_length: int, c_fail: float | None,
-              timeout_is_failure: bool = True) -> list[dict]:
-    """``demonstrations`` rows of one episode (its Step records, then its EpisodeEvent ENDED)."""
-    from learner import recap
-
-    *steps, ended = records
-    if ended.get("kind") != "ENDED" or not steps:
-        raise ValueError("a demonstration episode is its Step records followed by its EpisodeEvent ENDED")
-    targets = recap.episode_targets(ended["outcome"], len(steps), max_episode_length=max_episode_length,
-                                    c_fail=c_fail, timeout_is_failure=timeout_is_failure)
-    rows = []
-    for i, step in enumerate(sorted(steps, key=lambda s: s["step_index"])):
-        row = {k: step[k] for k in STEP_COLUMNS}
-        row.update(reward=float(targets.rewards[i]), mc_return=float(targets.normalised_returns[i]), value=None,
-                   advantage=None, advantage_source=None, outcome=ended["outcome"], episode_length=len(steps),
-                   kafka_topic=None, kafka_partition=None, kafka_offset=None)
-        rows.append(row)
-    return rows
-
-
-@dataclass
-class DemoReport:
-    written: int = 0
-    skipped: int = 0
-    rows: int = 0
-    successes: int = 0
-    table_version: int | None = None
 
 
 @click.command("demos")
@@ -98,55 +59,27 @@ def command(episodes_per_task: int, noise_sigma: float, tasks: str | None, seed_
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     console = Console()
-    report = write_demos(task_list, range(seed_start, seed_start + episodes_per_task), noise_sigma=noise_sigma,
-                         image_size=size, cameras=actor_settings.cameras, jpeg_quality=actor_settings.actor_jpeg_quality,
-                         lake_root=settings.lake_root, storage_options=settings.lake_storage_options,
-                         max_episode_length=settings.max_episode_steps, c_fail=settings.recap_c_fail, console=console)
-    done = report.written
-    console.print(f"demonstrations: wrote {done} episode(s) ({report.rows:,} rows; noisy expert success "
-                  f"{report.successes / done if done else float('nan'):.2f}), skipped {report.skipped} already in "
-                  f"the table; table version {report.table_version} at {settings.lake_root}")
-
-
-def write_demos(tasks: Sequence[str], seeds: range, *, noise_sigma: float, image_size: int,
-                cameras: tuple[str, ...], jpeg_quality: int, lake_root: str, storage_options: dict[str, str] | None,
-                max_episode_length: int, c_fail: float | None, console: Console) -> DemoReport:
     from lakehouse import Lakehouse
-    from producers.demos import demo_episode, noise_seed
-    from producers.sim.expert import ExpertPolicy
-    from producers.sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
+    from rewards.config import RecapConfig
+    from sim.demos_io import make_demonstrations
 
-    writer = Lakehouse(lake_root, storage_options=storage_options).writer("demonstrations", app_id_prefix=APP_ID_PREFIX)
-    writer.table.update_incremental()
-    report = DemoReport()
-    todo = {task: [s for s in seeds if writer.table.transaction_version(demo_app_id(task, s)) is None]
-            for task in tasks}
-    report.skipped = sum(len(seeds) - len(left) for left in todo.values())
-    metadata = {"sop.demos.noise_sigma": str(noise_sigma), "sop.demos.image_size": str(image_size)}
-    with Progress(TextColumn("[bold]demos[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[note]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                  console=console, transient=False) as progress:
-        bar = progress.add_task("", total=len(tasks) * len(seeds), completed=report.skipped,
-                                note=f"{report.skipped} already written" if report.skipped else "")
-        for task, left in todo.items():
-            if not left:
-                continue
-            progress.update(bar, description=task)
-            config = MetaWorldRobotConfig(task=task, cameras=cameras, image_size=image_size,
-                                          max_steps=max_episode_length)
-            with MetaWorldRobot(config) as robot:
-                for seed in left:
-                    noise = ExpertPolicy(noise_sigma=noise_sigma, seed=noise_seed(seed, task))
-                    records = demo_episode(robot, noise, seed=seed, jpeg_quality=jpeg_quality)
-                    rows = demo_rows(records, max_episode_length=max_episode_length, c_fail=c_fail)
-                    result = writer.write(rows, app_transactions={demo_app_id(task, seed): 1},
-                                          metadata={**metadata, "sop.demos.episode": records[-1]["episode_id"]})
-                    if result.rows_written:
-                        report.written += 1
-                        report.rows += result.rows_written
-                        report.successes += records[-1]["outcome"] == "SUCCESS"
-                    else:  # another run wrote it meanwhile
-                        report.skipped += 1
-                    progress.update(bar, advance=1, note=f"{report.written} written · {report.skipped} skipped")
-    report.table_version = writer.table.version()
-    return report
+    lake = Lakehouse(settings.lake_root, storage_options=settings.lake_storage_options)
+    recap = RecapConfig(max_episode_length=settings.max_episode_steps, c_fail=settings.recap_c_fail)
+    with Progress(TextColumn("[bold]demos[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as progress:
+        bar = progress.add_task("", total=len(task_list) * episodes_per_task, note="")
+        seen = {"written": 0, "skipped": 0}
+
+        def advance(_episode_id: str, written: bool) -> None:
+            seen["written" if written else "skipped"] += 1
+            progress.update(bar, advance=1, note=f"{seen['written']} written · {seen['skipped']} skipped")
+
+        report = make_demonstrations(lake, episodes_per_task=episodes_per_task, tasks=task_list,
+                                     noise_sigma=noise_sigma, image_size=size, cameras=actor_settings.cameras,
+                                     jpeg_quality=actor_settings.actor_jpeg_quality, seed_start=seed_start,
+                                     max_steps=settings.max_episode_steps, recap=recap, on_episode=advance)
+        progress.update(bar, completed=len(task_list) * episodes_per_task)
+    done = report.episodes_written
+    console.print(f"demonstrations: wrote {done} episode(s) ({report.rows_written:,} rows; noisy expert success "
+                  f"{report.successes / done if done else float('nan'):.2f}), skipped {report.episodes_skipped} "
+                  f"already in the table; table version {lake.table('demonstrations').version()} at {settings.lake_root}")

@@ -22,9 +22,9 @@ from sop.settings import load_settings
 def command(version: str | None, episodes_per_task: int, tasks: str | None, paraphrases: bool,
             paraphrase_index: int, output: str | None) -> None:
     """Success rate per task of one registered version on held-out seeds (no human, nothing published)."""
-    from learner.evaluation import evaluate_policy
     from producers.policies import load_policy_from_registry
-    from producers.sim.tasks import DEFAULT_SUITE, EVAL_SEEDS
+    from sim.evaluation import evaluate_policy
+    from sim.tasks import DEFAULT_SUITE, EVAL_SEEDS
 
     settings = load_settings()
     ref = f"v{version}" if version is not None else f"@{settings.policy_alias}"

@@ -35,7 +35,7 @@ from producers.fleet import (
     plan_fleet,
     rate,
 )
-from producers.sim.tasks import ONLINE_SEEDS
+from sim.tasks import ONLINE_SEEDS
 from sop.actor_settings import load_actor_settings, parse_tasks
 from sop.commands.actor import ensure_policy, quiet_mlflow
 from sop.settings import load_settings
@@ -106,7 +106,7 @@ def command(actors: int, tasks: str | None, hz: float | None, episodes: int | No
     console = Console()
     try:
         members = plan_fleet(actors, parse_tasks(tasks) if tasks is not None else actor_settings.tasks,
-                             id_prefix=id_prefix, seed_start=seed_start)
+                             seeds=ONLINE_SEEDS, id_prefix=id_prefix, seed_start=seed_start)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     if episodes is not None and episodes < 1:

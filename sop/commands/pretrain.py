@@ -97,8 +97,8 @@ def command(steps: int | None, algorithm: str | None, tasks: str | None, evaluat
                   f"{sum(s['offline'] for s in result.rows.values())} demonstration steps over "
                   f"{len(result.rows)} task(s), Delta demonstrations v{result.versions.get('demonstrations')}")
     if evaluate:
-        from learner.evaluation import evaluate_policy
         from learner.model import PolicyRuntime
+        from sim.evaluation import evaluate_policy
 
         policy = PolicyRuntime(result.model, text, version=version, condition=condition, cfg_beta=recap.cfg_beta)
         success = evaluate_policy(policy, sorted(result.rows), settings.eval_episodes, progress=True)

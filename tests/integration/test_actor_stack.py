@@ -18,11 +18,13 @@ import pytest
 from consumers.decoding import DecodingConsumer, DecodingConsumerConfig
 from producers.actor import Actor, ActorConfig
 from producers.fleet import ActorMonitor
-from producers.operator import GatedExpertOperator
-from producers.policies import register_expert_policy, register_policy
+from producers.policies import register_policy
 from producers.publisher import EventPublisher, PublisherConfig
 from producers.registry_source import RegistryPolicySource, RegistrySourceConfig
-from producers.sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
+from sim.expert_pyfunc import register_expert_policy
+from sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
+from sim.operator import GatedExpertOperator
+from sim.tasks import ONLINE_SEEDS
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore")]
 
@@ -55,7 +57,7 @@ def running_actor(kafka, topics: dict[str, str], mlflow_uri: str) -> Iterator[Ru
     publisher = EventPublisher(PublisherConfig(bootstrap=kafka.bootstrap, topics=topics))
     monitor = ActorMonitor("it-actor")
     actor = Actor(robots, source, GatedExpertOperator(), monitor.sink(publisher),
-                  ActorConfig(actor_id="it-actor"), on_episode=monitor.on_episode)
+                  ActorConfig(actor_id="it-actor", seed_start=ONLINE_SEEDS.start), on_episode=monitor.on_episode)
     source.start()
     source.wait_ready(60)
     thread = threading.Thread(target=actor.run, daemon=True)

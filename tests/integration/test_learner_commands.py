@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-import learner.evaluation  # noqa: F401 - at collection: triton before any test renders (see there)
+import sim.evaluation  # noqa: F401 - at collection: triton before any test renders (see there)
 from lakehouse import Lakehouse
 from learner import registry
 from learner.synthetic import fill_tables

@@ -16,7 +16,8 @@ from learner import registry
 from learner.config import EncoderConfig, ModelConfig, SamplerConfig, TrainConfig
 from learner.feeder import FeederConfig
 from learner.online import LearnConfig, run_learning
-from learner.synthetic import HashEmbedder, fill_tables, jpeg_pool, synthetic_episode, write_rows
+from learner.synthetic import HashEmbedder, fill_tables, synthetic_episode, write_rows
+from schemas.images import jpeg_pool
 
 pytestmark = pytest.mark.integration
 torch.set_num_threads(1)

@@ -13,7 +13,8 @@ from learner.batch import BatchBuilder
 from learner.config import ConfigError, EncoderConfig, SamplerConfig
 from learner.feeder import DeltaFeeder, FeederConfig, in_shard, is_whole, newest_episodes
 from learner.sampler import AdaptiveSampler
-from learner.synthetic import jpeg_pool, synthetic_episode, write_rows
+from learner.synthetic import synthetic_episode, write_rows
+from schemas.images import jpeg_pool
 
 ENC = EncoderConfig(image_size=32, proprio_dim=39, cnn_channels=(16, 32))
 FRAMES = jpeg_pool(4, 32)

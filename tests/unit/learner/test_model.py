@@ -7,8 +7,8 @@ from conftest import INSTRUCTIONS, HashEmbedder, Obs
 
 from learner.config import EncoderConfig, ModelConfig, ValueConfig
 from learner.model import PolicyRuntime, RunningNorm, VLAPolicy, random_shift
-from learner.recap import DROPPED, NEGATIVE, POSITIVE
 from learner.value import ValueModel, two_hot, value_loss
+from rewards.recap import DROPPED, NEGATIVE, POSITIVE
 
 CNN = EncoderConfig(image_size=32, proprio_dim=8, cameras=("corner", "wrist"))
 VIT = EncoderConfig(image_size=32, proprio_dim=8, cameras=("corner", "wrist"), image_encoder="vit", vit_patch=8,

@@ -20,8 +20,9 @@ from learner.config import EncoderConfig, ModelConfig, RecapConfig, SamplerConfi
 from learner.feeder import DeltaFeeder, FeederConfig
 from learner.model import VLAPolicy
 from learner.sampler import AdaptiveSampler, Prefetcher
-from learner.synthetic import HashEmbedder, jpeg_pool, synthetic_episode, write_rows
+from learner.synthetic import HashEmbedder, synthetic_episode, write_rows
 from learner.trainer import Learner
+from schemas.images import jpeg_pool
 
 SIZE = 16
 ENC = EncoderConfig(image_size=SIZE, proprio_dim=39, cnn_channels=(8, 16))

@@ -9,10 +9,10 @@ from learner.algorithms import HGDagger, Recap, make_algorithm, masked_mse
 from learner.batch import Batch, BatchBuilder, prepare_episode
 from learner.config import EncoderConfig, ModelConfig, RecapConfig, SamplerConfig, TrainConfig, ValueConfig
 from learner.model import VLAPolicy
-from learner.recap import DROPPED, NEGATIVE, POSITIVE, UNKNOWN, episode_targets
 from learner.sampler import AdaptiveSampler, Prefetcher
 from learner.trainer import AsyncPublisher, Learner
 from learner.value import ValueModel, train_value
+from rewards.recap import DROPPED, NEGATIVE, POSITIVE, UNKNOWN, episode_targets
 
 ENC = EncoderConfig(image_size=32, proprio_dim=8, cnn_channels=(16, 32, 32))
 MODEL = ModelConfig(encoder=ENC, action_dim=4, hidden=(128, 128))

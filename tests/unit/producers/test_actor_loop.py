@@ -11,9 +11,9 @@ from producer_fakes import ConstantPolicy, LineRobot, ScriptedOperator, check_ep
 from producers.actor import Actor, ActorConfig, ListSink, RatePacer, StaticPolicySource, run_episode
 from producers.images import decode_image
 from producers.interfaces import Observation, OperatorDecision, Policy, Robot
-from producers.operator import GatedExpertOperator, OperatorConfig
-from producers.sim.expert import ExpertPolicy, expert_action
-from producers.sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
+from sim.expert import ExpertPolicy, expert_action
+from sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
+from sim.operator import GatedExpertOperator, OperatorConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:Constant")
 

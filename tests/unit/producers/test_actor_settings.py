@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from learner import recap
-from producers.operator import OperatorConfig
-from producers.sim.tasks import DEFAULT_SUITE
+from rewards import recap
+from sim.operator import OperatorConfig
+from sim.tasks import DEFAULT_SUITE
 from sop.actor_settings import load_actor_settings, parse_tasks
-from sop.commands.demos import demo_app_id, demo_rows
 from sop.settings import SettingsError
 
 
@@ -57,19 +56,22 @@ def _episode(outcome: str, n: int) -> list[dict]:
               "step_index": i, "event_time_us": 1_000 + i, "policy_version": "expert", "images": [],
               "proprio": [0.0], "action": [0.0] * 4, "policy_action": [0.1] * 4, "controller": "HUMAN",
               "env_reward": 0.0, "success": outcome == "SUCCESS" and i == n - 1} for i in range(n)]
-    return [*reversed(steps), {"kind": "ENDED", "outcome": outcome, "num_steps": n}]
+    return [*reversed(steps), {"kind": "ENDED", "task": "reach-v3", "outcome": outcome, "num_steps": n}]
 
 
 @pytest.mark.parametrize("outcome", ["SUCCESS", "TIMEOUT"])
 def test_demo_rows_carry_the_processors_recap_columns(outcome: str) -> None:
-    rows = demo_rows(_episode(outcome, 6), max_episode_length=10, c_fail=None)
+    from rewards.config import RecapConfig
+    from sim.demos_io import demo_app_id, demonstration_rows
+
+    rows = demonstration_rows(_episode(outcome, 6), recap=RecapConfig(max_episode_length=10))
     targets = recap.episode_targets(outcome, 6, max_episode_length=10)
     assert [r["step_index"] for r in rows] == list(range(6))
     np.testing.assert_allclose([r["reward"] for r in rows], targets.rewards)
     np.testing.assert_allclose([r["mc_return"] for r in rows], targets.normalised_returns)
     assert rows[-1]["reward"] == (0.0 if outcome == "SUCCESS" else -10.0)
     assert all(r["outcome"] == outcome and r["episode_length"] == 6 for r in rows)
-    assert all(r["advantage"] is None and r["kafka_offset"] is None for r in rows)
+    assert all(r["advantage"] is None and r.get("kafka_offset") is None for r in rows)
     with pytest.raises(ValueError, match="ENDED"):
-        demo_rows(_episode(outcome, 3)[:-1], max_episode_length=10, c_fail=None)
+        demonstration_rows(_episode(outcome, 3)[:-1], recap=RecapConfig(max_episode_length=10))
     assert demo_app_id("reach-v3", 3) == "sop-demos.reach-v3.seed-3"

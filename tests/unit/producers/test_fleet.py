@@ -12,12 +12,12 @@ from producer_fakes import ConstantPolicy, LineRobot, ScriptedOperator
 
 from producers.actor import Actor, ActorConfig, ListSink, StaticPolicySource
 from producers.fleet import ActorMonitor, ActorStatus, ProcessFleet, aggregate, log_tail, plan_fleet
-from producers.sim.tasks import ONLINE_SEEDS
+from sim.tasks import ONLINE_SEEDS
 
 
 def test_plan_gives_distinct_ids_interleaved_seeds_and_rotated_tasks() -> None:
     tasks = ("a-v3", "b-v3", "c-v3")
-    plan = plan_fleet(4, tasks, id_prefix="r")
+    plan = plan_fleet(4, tasks, seeds=ONLINE_SEEDS, id_prefix="r")
     assert [m.actor_id for m in plan] == ["r-00", "r-01", "r-02", "r-03"]
     assert [m.tasks[0] for m in plan] == ["a-v3", "b-v3", "c-v3", "a-v3"]
     assert all(sorted(m.tasks) == sorted(tasks) for m in plan)
@@ -25,9 +25,9 @@ def test_plan_gives_distinct_ids_interleaved_seeds_and_rotated_tasks() -> None:
     used = [cfg.seed_start + k * cfg.seed_stride for cfg in seeds for k in range(500)]
     assert len(set(used)) == len(used) and min(used) == ONLINE_SEEDS.start  # no placement twice in the fleet
     with pytest.raises(ValueError, match="at least 1 actor"):
-        plan_fleet(0, tasks)
-    with pytest.raises(ValueError, match="online seeds"):
-        plan_fleet(2, tasks, seed_start=5)
+        plan_fleet(0, tasks, seeds=ONLINE_SEEDS)
+    with pytest.raises(ValueError, match="fleet's seeds 10000"):
+        plan_fleet(2, tasks, seeds=ONLINE_SEEDS, seed_start=5)
 
 
 def test_monitor_counts_what_the_actor_did() -> None:

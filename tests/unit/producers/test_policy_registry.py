@@ -11,14 +11,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from producers.interfaces import Policy
-from producers.policies import (
-    ExpertPyfunc,
-    load_policy_from_registry,
-    parse_model_uri,
-    register_expert_policy,
-)
-from producers.sim.expert import expert_action
-from producers.sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
+from producers.policies import load_policy_from_registry, parse_model_uri
+from sim.expert import expert_action
+from sim.expert_pyfunc import ExpertPyfunc, register_expert_policy
+from sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

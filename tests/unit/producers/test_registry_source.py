@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from producer_fakes import ConstantPolicy
 
-from producers.policies import ExpertPyfunc, register_expert_policy, register_policy
+from producers.policies import register_policy
 from producers.registry_source import (
     NoPolicyYetError,
     PolicyRefusedError,
@@ -25,6 +25,10 @@ from producers.registry_source import (
     default_probe,
     vet_policy,
 )
+from sim.expert_pyfunc import ExpertPyfunc, register_expert_policy
+from sim.tasks import DEFAULT_SUITE, instruction_for
+
+PROBE = default_probe(DEFAULT_SUITE[0], instruction_for(DEFAULT_SUITE[0]))
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -65,6 +69,7 @@ class FakeClock:
 
 def source_for(registry: FakeRegistry, **config: object) -> RegistryPolicySource:
     return RegistryPolicySource(RegistrySourceConfig(tracking_uri="unused", **config),  # type: ignore[arg-type]
+                                probe=PROBE,
                                 loader=registry.load, resolver=registry.resolve, clock=FakeClock())
 
 
@@ -127,7 +132,7 @@ def test_act_raising_on_the_probe_is_refused() -> None:
             raise KeyError("camera 'wrist' missing")
 
     with pytest.raises(PolicyRefusedError, match="act\\(\\) on a probe observation raised KeyError"):
-        vet_policy(Raises(version="1"), version="1", probe=default_probe(), action_dim=4)
+        vet_policy(Raises(version="1"), version="1", probe=PROBE, action_dim=4)
 
 
 def test_a_refused_version_is_retried_after_the_configured_delay() -> None:
@@ -169,7 +174,7 @@ def test_background_thread_follows_the_alias_and_current_never_blocks() -> None:
             gate.wait(10)  # a long download
         return registry.load(version, directory)
 
-    source = RegistryPolicySource(RegistrySourceConfig(tracking_uri="unused", poll_interval_s=0.01),
+    source = RegistryPolicySource(RegistrySourceConfig(tracking_uri="unused", poll_interval_s=0.01), probe=PROBE,
                                   loader=slow_load, resolver=registry.resolve)
     with pytest.raises(NoPolicyYetError):
         source.wait_ready(0.05)
@@ -223,7 +228,8 @@ class WrongShape(LoadContextRaises):
 def test_follows_a_real_mlflow_alias_and_refuses_broken_pyfuncs(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     art = str(tmp_path / "art")
-    source = RegistryPolicySource(RegistrySourceConfig(tracking_uri=uri, download_root=str(tmp_path / "dl")))
+    source = RegistryPolicySource(RegistrySourceConfig(tracking_uri=uri, download_root=str(tmp_path / "dl")),
+                                  probe=PROBE)
     assert source.poll_once() is False  # no registered model yet
     assert register_expert_policy(uri, noise_sigma=0.0, artifact_location=art) == "1"
     assert source.poll_once() is True

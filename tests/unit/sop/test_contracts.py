@@ -12,15 +12,15 @@ from consumers.deadletter import Reason, Rejected
 from consumers.validation import Contracts, SkewWindow, UnknownTasks, validate_step
 from producers.actor import now_us, step_record
 from producers.interfaces import StepResult
-from producers.sim.tasks import TASKS
 from schemas import codec
+from sim.tasks import TASKS
 from sop.contracts import SIM_ACTION_DIM, SIM_PROPRIO_DIM, processor_validation, sim_contracts
 from sop.settings import SettingsError, load_settings
 
 
 def test_the_sim_shapes_are_the_robots() -> None:
-    from producers.sim.expert import STATE_DIM
-    from producers.sim.metaworld_robot import ACTION_DIM
+    from sim.expert import STATE_DIM
+    from sim.metaworld_robot import ACTION_DIM
 
     assert (SIM_ACTION_DIM, SIM_PROPRIO_DIM) == (ACTION_DIM, STATE_DIM)
 
@@ -35,7 +35,7 @@ def test_sim_contracts_cover_the_task_table_with_width_and_height() -> None:
 
 
 def test_a_rendered_metaworld_step_passes_its_contract_after_the_codec() -> None:
-    from producers.sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
+    from sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
 
     config = MetaWorldRobotConfig(task="drawer-open-v3", cameras=("corner", "topview"), image_size=(48, 40))
     with MetaWorldRobot(config) as robot:

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from producer_fakes import check_episode_records
 
-from producers.demos import demo_episode_id, generate_demonstrations
 from producers.images import decode_image
-from producers.sim.expert import expert_action
-from producers.sim.tasks import DEMO_SEEDS
+from sim.demos import demo_episode_id, generate_demonstrations
+from sim.expert import expert_action
+from sim.tasks import DEMO_SEEDS
 
 pytestmark = pytest.mark.filterwarnings("ignore:Constant")
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from producers.interfaces import Observation, Policy
-from producers.sim.expert import EXPERT_VERSION, ExpertPolicy, expert_action, progress_distance
-from producers.sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
-from producers.sim.tasks import DEFAULT_SUITE, EVAL_SEEDS, TASKS
+from sim.expert import EXPERT_VERSION, ExpertPolicy, expert_action, progress_distance
+from sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
+from sim.tasks import DEFAULT_SUITE, EVAL_SEEDS, TASKS
 
 pytestmark = pytest.mark.filterwarnings("ignore:Constant")
 

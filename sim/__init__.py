@@ -1,4 +1,9 @@
-"""The simulated fleet: MetaWorld v3 robots, their task table and scripted experts.
+"""The simulated world behind the robot interfaces of ``producers``: MetaWorld v3 robots
+(``metaworld_robot``), the task table with instructions and seed ranges (``tasks``), scripted experts
+(``expert``, and ``expert_pyfunc`` to register one as a stand-in policy), the simulated HG-DAgger operator
+(``operator``), demonstrations generated and written to Delta exactly once (``demos``, ``demos_io``) and
+seeded evaluation rollouts (``evaluation``). It imports ``producers``, ``schemas``, ``lakehouse`` and
+``rewards``; nothing but the CLI and tests imports it.
 
 Importing this package picks a headless OpenGL backend for MuJoCo (EGL unless ``MUJOCO_GL`` is
 already set, e.g. to ``osmesa``). It must happen before the first ``import mujoco``, which is why

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from producers.interfaces import Observation
-from producers.operator import (
+from sim.operator import (
     DIVERGENCE,
     MAX_DRIVE,
     ON_TRACK,

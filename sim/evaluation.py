@@ -55,8 +55,8 @@ def evaluate_policy_detailed(policy: Policy, tasks: Sequence[str], episodes_per_
                              on_episode: Callable[[EpisodeStats], None] | None = None) -> dict[str, TaskResult]:
     """Per-task results of ``episodes_per_task`` episodes each (see :func:`evaluate_policy`)."""
     from producers.actor import ListSink, run_episode
-    from producers.sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
-    from producers.sim.tasks import EVAL_SEEDS, instruction_for
+    from sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
+    from sim.tasks import EVAL_SEEDS, instruction_for
 
     if episodes_per_task < 1:
         raise ValueError(f"episodes_per_task must be >= 1; got {episodes_per_task}")

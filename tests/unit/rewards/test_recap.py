@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from learner import recap
-from learner.recap import DROPPED, NEGATIVE, POSITIVE
+from rewards import recap
+from rewards.recap import DROPPED, NEGATIVE, POSITIVE
 
 
 def test_rewards_success_failure_timeout_aborted() -> None:
@@ -124,5 +124,5 @@ def test_epsilon_tracker_window(rng: np.random.Generator) -> None:
 
 
 def test_recap_module_imports_no_torch() -> None:
-    code = "import sys, learner.recap, learner.config; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, rewards.recap, learner.config; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,6 +1,7 @@
 """Offline demonstrations into the Delta ``demonstrations`` table, exactly once.
 
-``write_demonstrations(lake, episodes)`` takes episodes as ``producers.demos.generate_demonstrations`` yields
+The one demonstrations writer (``sop demos`` and ``sop run`` both use it).
+``write_demonstrations(lake, episodes)`` takes episodes as ``sim.demos.generate_demonstrations`` yields
 them (the ``Step`` records, then the ``EpisodeEvent`` ENDED record) and appends them with the columns the
 stream processor fills for online steps at close (RECAP ``reward``, normalised ``mc_return``, ``outcome``,
 ``episode_length``), so the value model trains on both tables alike. Rerunning it writes nothing twice:
@@ -18,11 +19,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow.compute as pc
-
 from lakehouse import DEMONSTRATIONS, Lakehouse
-from learner.config import RecapConfig
-from learner.recap import episode_targets
+from rewards.config import RecapConfig
+from rewards.recap import episode_targets
 
 DEMO_APP_PREFIX = "sop-demos"
 STEP_FIELDS = ("episode_id", "actor_id", "task", "instruction", "step_index", "event_time_us", "policy_version",
@@ -49,6 +48,7 @@ class DemoWriteReport:
     episodes_written: int = 0
     episodes_skipped: int = 0  # already in the table
     rows_written: int = 0
+    successes: int = 0  # written episodes whose outcome is SUCCESS
     versions: list[int] = field(default_factory=list)  # Delta versions committed
 
     @property
@@ -90,86 +90,76 @@ def demonstration_rows(records: Sequence[Mapping[str, Any]], *, recap: RecapConf
     return rows
 
 
-def existing_episode_ids(lake: Lakehouse, *, tasks: Iterable[str] | None = None) -> set[str]:
-    """Episode ids already in the ``demonstrations`` table (reads one light column)."""
-    if not lake.exists(DEMONSTRATIONS.name):
-        return set()
-    table = lake.table(DEMONSTRATIONS.name)
-    task_list = None if tasks is None else sorted(set(tasks))
-    expr = None if task_list is None else pc.field("task").isin(task_list)
-    predicate = None if task_list is None else "task IN (" + ", ".join(f"'{t}'" for t in task_list) + ")"
-    ids = table.to_pyarrow_dataset(file_pruning_predicate=predicate).to_table(columns=["episode_id"], filter=expr)
-    return set(pc.unique(ids.column("episode_id")).to_pylist())
+def demo_app_id(task: str, seed: int, *, prefix: str = DEMO_APP_PREFIX) -> str:
+    """The Delta application transaction that marks demonstration (task, seed) as written."""
+    return f"{prefix}.{task}.seed-{seed}"
+
+
+def is_written(table: Any, task: str, seed: int, *, prefix: str = DEMO_APP_PREFIX) -> bool:
+    """Whether the ``demonstrations`` table (a ``DeltaTable``) holds episode (task, seed) already."""
+    if table.transaction_version(demo_app_id(task, seed, prefix=prefix)) is not None:
+        return True
+    # Tables written before one transaction per episode carry the highest seed written per task; those
+    # writers filled seeds upward from the first, so every seed up to that marker is in the table.
+    legacy = table.transaction_version(f"{prefix}.{task}")
+    return legacy is not None and seed <= legacy
 
 
 def write_demonstrations(lake: Lakehouse, episodes: Iterable[Sequence[Mapping[str, Any]]], *,
                          recap: RecapConfig | None = None, app_id_prefix: str = DEMO_APP_PREFIX,
-                         episodes_per_commit: int = 8,
+                         metadata: Mapping[str, str] | None = None,
                          on_episode: Callable[[str, bool], None] | None = None) -> DemoWriteReport:
-    """Append generated demonstration episodes to ``demonstrations``, skipping those already there.
+    """Append generated demonstration episodes to ``demonstrations``, each exactly once.
 
-    Episodes are committed ``episodes_per_commit`` at a time (one task per commit); ``on_episode(id, written)``
-    is called for each, e.g. to advance a progress bar.
+    Every episode is one Delta commit carrying the application transaction ``{prefix}.{task}.seed-{seed}``
+    (the seed comes from its ENDED event): an episode already recorded is skipped, and two writers at once
+    cannot both write it (the loser's commit is dropped by the exactly-once writer and counted as skipped).
+    ``on_episode(id, written)`` is called for each, e.g. to advance a progress bar.
     """
-    if episodes_per_commit < 1:
-        raise ValueError(f"episodes_per_commit must be >= 1; got {episodes_per_commit}")
     writer = lake.writer(DEMONSTRATIONS.name, app_id_prefix=app_id_prefix)
-    present = existing_episode_ids(lake)
+    writer.table.update_incremental()
     report = DemoWriteReport()
-    pending: list[tuple[str, int | None, list[dict[str, Any]]]] = []  # (task, seed, rows)
-
-    def flush() -> None:
-        if not pending:
-            return
-        rows = [r for _, _, episode_rows in pending for r in episode_rows]
-        task = pending[0][0]
-        seeds = [s for _, s, _ in pending if s is not None]
-        app = f"{app_id_prefix}.{task}"
-        committed = writer.table.transaction_version(app)
-        # Only a seed beyond the recorded one advances the marker; otherwise the id check alone keeps it
-        # idempotent (a marker that does not advance would make the writer drop these rows).
-        txns = {app: max(seeds)} if seeds and (committed is None or max(seeds) > committed) else None
-        result = writer.write(rows, app_transactions=txns)
-        if result.version is not None:
-            report.versions.append(result.version)
-        report.rows_written += result.rows_written
-        pending.clear()
-
     for records in episodes:
         steps, ended = split_episode(records)
-        episode_id = str(ended["episode_id"])
-        task = str(ended["task"])
-        if episode_id in present or not steps:
-            report.episodes_skipped += 1
-            if on_episode is not None:
-                on_episode(episode_id, False)
-            continue
-        if pending and pending[0][0] != task:
-            flush()
-        seed = ended.get("seed")
-        pending.append((task, None if seed is None else int(seed), demonstration_rows(records, recap=recap)))
-        present.add(episode_id)
-        report.episodes_written += 1
-        if len(pending) >= episodes_per_commit:
-            flush()
+        episode_id, task = str(ended["episode_id"]), str(ended["task"])
+        if ended.get("seed") is None:
+            raise ValueError(f"demonstration {episode_id!r} has no seed in its ENDED event: it names its "
+                             "exactly-once transaction")
+        seed = int(ended["seed"])
+        written = False
+        if steps and not is_written(writer.table, task, seed, prefix=app_id_prefix):
+            result = writer.write(demonstration_rows(records, recap=recap),
+                                  app_transactions={demo_app_id(task, seed, prefix=app_id_prefix): 1},
+                                  metadata={**(metadata or {}), "sop.demos.episode": episode_id})
+            written = result.rows_written > 0  # 0: another writer recorded it meanwhile
+            if written:
+                report.rows_written += result.rows_written
+                report.successes += ended.get("outcome") == "SUCCESS"
+                if result.version is not None:
+                    report.versions.append(result.version)
+        report.episodes_written += written
+        report.episodes_skipped += not written
         if on_episode is not None:
-            on_episode(episode_id, True)
-    flush()
+            on_episode(episode_id, written)
     return report
 
 
 def make_demonstrations(lake: Lakehouse, *, episodes_per_task: int | Mapping[str, int] = BASE_DEMOS_PER_TASK,
                         tasks: Sequence[str] | None = None, noise_sigma: float = BASE_DEMO_NOISE,
                         image_size: int = 64, cameras: tuple[str, ...] = ("corner",), max_steps: int = 150,
-                        recap: RecapConfig | None = None, progress: bool = False) -> DemoWriteReport:
-    """Generate scripted-expert demonstrations (``producers.demos``) and write them exactly once.
+                        recap: RecapConfig | None = None, progress: bool = False, seed_start: int | None = None,
+                        jpeg_quality: int | None = None,
+                        on_episode: Callable[[str, bool], None] | None = None) -> DemoWriteReport:
+    """Generate scripted-expert demonstrations (``sim.demos``) and write them exactly once (``sop demos``,
+    ``sop run``).
 
     ``episodes_per_task`` is one count for every task or a count per task; ``tasks`` defaults to the tasks
-    of that mapping, or to ``producers.sim.tasks.DEFAULT_SUITE``. Episodes already in the table are not
-    simulated again.
+    of that mapping, or to ``sim.tasks.DEFAULT_SUITE``. Episode ``i`` of a task uses seed ``seed_start + i``
+    (default ``DEMO_SEEDS.start``). Episodes already in the table are not simulated again.
     """
-    from producers.demos import demo_episode_id, generate_demonstrations
-    from producers.sim.tasks import DEFAULT_SUITE, DEMO_SEEDS
+    from producers.images import DEFAULT_JPEG_QUALITY
+    from sim.demos import generate_demonstrations
+    from sim.tasks import DEFAULT_SUITE, DEMO_SEEDS
 
     if tasks is None:
         tasks = tuple(episodes_per_task) if isinstance(episodes_per_task, Mapping) else DEFAULT_SUITE
@@ -178,32 +168,37 @@ def make_demonstrations(lake: Lakehouse, *, episodes_per_task: int | Mapping[str
     bad = {t: n for t, n in counts.items() if n < 0}
     if bad:
         raise ValueError(f"episodes_per_task must be >= 0 per task; got {bad}")
-    present = existing_episode_ids(lake, tasks=tasks)
-    total = sum(counts.values())
-    report = DemoWriteReport()
+    start = DEMO_SEEDS.start if seed_start is None else seed_start
+    table = lake.table(DEMONSTRATIONS.name)
+    todo = {t: [s for s in range(start, start + n) if not is_written(table, t, s)] for t, n in counts.items()}
+    skipped = sum(counts[t] - len(left) for t, left in todo.items())
+    metadata = {"sop.demos.noise_sigma": str(noise_sigma), "sop.demos.image_size": str(image_size)}
 
     def generated() -> Iterable[list[dict]]:
-        for task, n in counts.items():
-            seeds = [s for s in range(DEMO_SEEDS.start, DEMO_SEEDS.start + n) if demo_episode_id(task, s) not in present]
-            report.episodes_skipped += n - len(seeds)
+        for task, seeds in todo.items():
             # Contiguous runs of missing seeds, each generated in one call (one simulator per call).
-            for start, count in _runs(seeds):
-                yield from generate_demonstrations([task], episodes_per_task=count, noise_sigma=noise_sigma, seed=start,
-                                                   image_size=image_size, cameras=cameras, max_steps=max_steps)
+            for first, count in _runs(seeds):
+                yield from generate_demonstrations([task], episodes_per_task=count, noise_sigma=noise_sigma,
+                                                   seed=first, image_size=image_size, cameras=cameras,
+                                                   max_steps=max_steps,
+                                                   jpeg_quality=jpeg_quality or DEFAULT_JPEG_QUALITY)
 
     if progress:
         from rich.progress import Progress
 
         with Progress(transient=True) as bar:
-            job = bar.add_task("demonstrations", total=total, completed=0)
-            bar.update(job, advance=total - sum(1 for t in counts for s in range(counts[t])
-                                                if demo_episode_id(t, DEMO_SEEDS.start + s) not in present))
-            written = write_demonstrations(lake, generated(), recap=recap,
-                                           on_episode=lambda _id, _w: bar.update(job, advance=1))
+            job = bar.add_task("demonstrations", total=sum(counts.values()), completed=skipped)
+
+            def advance(episode_id: str, written: bool) -> None:
+                bar.update(job, advance=1)
+                if on_episode is not None:
+                    on_episode(episode_id, written)
+
+            report = write_demonstrations(lake, generated(), recap=recap, metadata=metadata, on_episode=advance)
     else:
-        written = write_demonstrations(lake, generated(), recap=recap)
-    written.episodes_skipped += report.episodes_skipped
-    return written
+        report = write_demonstrations(lake, generated(), recap=recap, metadata=metadata, on_episode=on_episode)
+    report.episodes_skipped += skipped
+    return report
 
 
 def _runs(values: Sequence[int]) -> list[tuple[int, int]]:

@@ -1,6 +1,6 @@
 """``MetaWorldRobot``: one simulated Sawyer arm running one MetaWorld v3 task, behind the ``Robot`` seam.
 
-Importing it runs ``producers/sim/__init__.py`` first, which picks the headless GL backend before
+Importing it runs ``sim/__init__.py`` first, which picks the headless GL backend before
 ``mujoco`` is imported. Owns the environment's life cycle (seeded placements, termination at the first success or at
 ``max_steps``), the fast headless camera rendering and the optional real-time pacing.
 """
@@ -17,7 +17,7 @@ from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
 from producers.actor import RatePacer
 from producers.interfaces import Observation, StepResult
-from producers.sim.tasks import TASKS, task_spec
+from sim.tasks import TASKS, task_spec
 
 # MetaWorld raises if stepped past this many steps in one episode.
 METAWORLD_MAX_STEPS = 500

@@ -22,10 +22,10 @@ import numpy as np
 
 from producers.actor import episode_event, now_us, step_record
 from producers.images import DEFAULT_JPEG_QUALITY
-from producers.sim.expert import EXPERT_VERSION, ExpertPolicy, expert_action
-from producers.sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
-from producers.sim.tasks import DEFAULT_SUITE, DEMO_SEEDS
 from schemas.records import Outcome
+from sim.expert import EXPERT_VERSION, ExpertPolicy, expert_action
+from sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
+from sim.tasks import DEFAULT_SUITE, DEMO_SEEDS
 
 DEMO_ACTOR_ID = "demo-expert"
 

@@ -198,7 +198,7 @@ class GatedExpertOperator:
     Implements :class:`~producers.interfaces.Operator`.
 
     ``expert(task, state)`` gives the human's action and ``progress(task, state)`` the task's
-    distance to done; both default to the MetaWorld experts of :mod:`producers.sim.expert`.
+    distance to done; both default to the MetaWorld experts of :mod:`sim.expert`.
     """
 
     def __init__(
@@ -210,7 +210,7 @@ class GatedExpertOperator:
         progress: ProgressFn | None = None,
     ) -> None:
         if expert is None or progress is None:
-            from producers.sim.expert import expert_action, progress_distance  # imports MetaWorld
+            from sim.expert import expert_action, progress_distance  # imports MetaWorld
 
             expert = expert or expert_action
             progress = progress or progress_distance

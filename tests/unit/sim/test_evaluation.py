@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from learner.evaluation import evaluate_policy, evaluate_policy_detailed
-from producers.sim.expert import ExpertPolicy
+from sim.evaluation import evaluate_policy, evaluate_policy_detailed
+from sim.expert import ExpertPolicy
 
 pytestmark = pytest.mark.filterwarnings("ignore:Constant")
 

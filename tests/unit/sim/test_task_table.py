@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from producers.sim.tasks import (
+from sim.tasks import (
     DEFAULT_SUITE,
     DEMO_SEEDS,
     EVAL_SEEDS,

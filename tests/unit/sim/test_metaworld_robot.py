@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from producers.interfaces import Robot
-from producers.sim.expert import expert_action
-from producers.sim.metaworld_robot import (
+from sim.expert import expert_action
+from sim.metaworld_robot import (
     MetaWorldRobot,
     MetaWorldRobotConfig,
     make_env,
 )
-from producers.sim.tasks import EVAL_SEEDS, TASKS
+from sim.tasks import EVAL_SEEDS, TASKS
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from producers.interfaces import Observation
-from producers.sim.tasks import task_spec
+from sim.tasks import task_spec
 
 EXPERT_VERSION = "expert"
 

@@ -1,0 +1,50 @@
+"""The one way SOP talks to the MLflow model registry: the client, the experiment, the registered model.
+
+    client = registry_client(tracking_uri)                   # registry on the same server as tracking
+    exp = experiment_id(client, "sop", artifact_location=root)
+    ensure_registered_model(client, "sop-policy")
+
+Only ``MlflowClient`` calls: the process-wide tracking URI is neither read nor changed (MLflow 3.17 resolves
+some registry calls through it otherwise). Robots, the processor and the learner all build clients here.
+"""
+
+from __future__ import annotations
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+
+def registry_client(tracking_uri: str | None, registry_uri: str | None = None) -> MlflowClient:
+    """A client for ``tracking_uri`` whose registry is ``registry_uri`` (default: the same server)."""
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
+
+
+def experiment_id(client: MlflowClient, experiment: str, *, artifact_location: str | None = None,
+                  require_location: bool = False) -> str:
+    """The id of ``experiment`` (a name or an id), created with ``artifact_location`` if missing.
+
+    ``require_location``: refuse to create it without an artifact root (MLflow would otherwise put artifacts
+    under ./mlruns of whatever directory the process runs in)."""
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    if experiment.isdigit():
+        try:
+            return client.get_experiment(experiment).experiment_id
+        except MlflowException:
+            pass
+    if artifact_location is None and require_location:
+        raise ValueError(f"MLflow experiment {experiment!r} does not exist; "
+                         "pass artifact_location=... to create it with a fixed artifact root")
+    return client.create_experiment(experiment, artifact_location=artifact_location)
+
+
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
+    """Create registered model ``name`` unless it exists (another process may create it at the same moment)."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name)
+        except MlflowException:  # created concurrently by another process
+            client.get_registered_model(name)
