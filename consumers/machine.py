@@ -442,14 +442,21 @@ class EpisodeMachine:
         self.meta[ep.eid.encode()] = ep.meta
 
     # -- steps -------------------------------------------------------------------------------------
-    def on_step(self, msg: Inbound, *, now_s: float) -> None:
+    def _admit(self, msg: Inbound, now_s: float) -> tuple[dict, Episode | dict] | None:
+        """The shared start of every event: bookkeeping, decode and validate (or dead-letter), find the episode
+        (or count a replay). None: the event is dealt with already."""
         self._enter(msg, now_s)
-        step = self._decode(msg, now_s)
-        if step is None:
+        record = self._decode(msg, now_s)
+        if record is None:
+            return None
+        found = self._episode_for(record["episode_id"], msg, now_s)
+        return None if found is None else (record, found)
+
+    def on_step(self, msg: Inbound, *, now_s: float) -> None:
+        admitted = self._admit(msg, now_s)
+        if admitted is None:
             return
-        found = self._episode_for(step["episode_id"], msg, now_s)
-        if found is None:
-            return
+        step, found = admitted
         index = step["step_index"]
         if isinstance(found, dict):  # the episode is already written
             self._after_close(msg, found, index)
@@ -526,13 +533,10 @@ class EpisodeMachine:
 
     # -- episode events ----------------------------------------------------------------------------
     def on_episode_event(self, msg: Inbound, *, now_s: float) -> None:
-        self._enter(msg, now_s)
-        ev = self._decode(msg, now_s)
-        if ev is None:
+        admitted = self._admit(msg, now_s)
+        if admitted is None:
             return
-        found = self._episode_for(ev["episode_id"], msg, now_s)
-        if found is None:
-            return
+        ev, found = admitted
         if isinstance(found, dict):
             self._event_after_close(msg, found, ev)
             return
@@ -584,13 +588,10 @@ class EpisodeMachine:
 
     # -- interventions -----------------------------------------------------------------------------
     def on_intervention(self, msg: Inbound, *, now_s: float) -> None:
-        self._enter(msg, now_s)
-        ev = self._decode(msg, now_s)
-        if ev is None:
+        admitted = self._admit(msg, now_s)
+        if admitted is None:
             return
-        found = self._episode_for(ev["episode_id"], msg, now_s)
-        if found is None:
-            return
+        ev, found = admitted
         m = found if isinstance(found, dict) else found.meta
         entry = [ev["kind"], ev["step_index"]]
         earlier = next((e for e in m["interventions"] if e[:2] == entry), None)
