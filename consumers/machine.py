@@ -128,6 +128,9 @@ class MachineConfig:
     # an episode some of whose steps were dead-lettered as unknown-schema (a fleet upgraded before its processor)
     # is neither forced nor aborted for this long: `sop replay deadletter` after the upgrade completes it
     unknown_schema_hold_s: float = 7 * 86400.0
+    # ticks travel through the broker: two ticks of a partition further apart than this mean the broker path was
+    # away (an outage, a stalled processor), and that time is not counted as any episode's silence
+    tick_gap_s: float = 10.0
     stop_offsets: dict[str, dict[int, int]] | None = None  # replay: topic -> partition -> first offset not to take
 
 
@@ -248,6 +251,7 @@ class EpisodeMachine:
         self.watermark: dict[Kind, dict[int, int | None]] = {k: {} for k in Kind}
         self.unknown_schema_keys: dict[str, tuple[int, float]] = {}  # episodes not seen yet: (steps, since)
         self.broker_away_since_s: float | None = None
+        self.last_tick_s: dict[int, float] = {}
         self.pending_closings: list[Closing] = []
         self.pending_interventions: list[tuple[dict, Any]] = []
         self.finish_queue: dict[int, list[str]] = defaultdict(list)
@@ -274,6 +278,7 @@ class EpisodeMachine:
         for eid in self.by_partition.pop(p, set()):
             self.open.pop(eid, None)
         self.tombstones.pop(p, None)
+        self.last_tick_s.pop(p, None)
         self.ready.discard(p)
         for per_kind in (self.next_offset, self.last_event_s, self.watermark):
             for d in per_kind.values():
@@ -645,6 +650,16 @@ class EpisodeMachine:
             self._rescan(p, now_s)
         self._finish(p, now_s)
         cfg = self.config
+        previous = self.last_tick_s.get(p)
+        self.last_tick_s[p] = now_s
+        if previous is not None and now_s - previous > cfg.tick_gap_s:
+            gap = now_s - previous
+            log.info("partition %d: no tick for %.0fs (the broker or this worker was away); that time is not "
+                     "silence", p, gap)
+            for eid in self.by_partition.get(p, ()):
+                ep = self.open[eid]
+                ep.last_seen_s = min(now_s, ep.last_seen_s + gap)
+            return  # decide nothing on the first tick after a gap: robots' spools are only starting to drain
         steps_caught_up = self.caught_up(Kind.STEP, p, highwaters, positions)
         ends_caught_up = self.caught_up(Kind.EPISODE, p, highwaters, positions)
         aborted = False  # one abort per tick: the tick's offset is the aborted row's origin, unique per row

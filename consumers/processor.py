@@ -112,6 +112,7 @@ class ProcessorConfig:
             topics={k: self.topics[k] for k in ("Step", "EpisodeEvent", "InterventionEvent")},
             control_topic=self.control_topic, chunk_steps=self.chunk_steps, chunk_age_s=self.chunk_age_s,
             end_grace_s=self.end_grace_s, abort_timeout_s=self.abort_timeout_s, tombstone_ttl_s=self.tombstone_ttl_s,
+            tick_gap_s=max(10.0, 5 * self.tick_interval_s),
             stop_offsets=self.stop_offsets)
 
 

@@ -308,3 +308,23 @@ def test_a_phantom_unknown_schema_key_holds_nothing_open() -> None:
     world.publish(Kind.STEP, future[:2] + b"\x99" * 8 + future[10:], eid="ghost")
     world.settle()
     assert world.machine.open_count == 0 and "ghost" in world.machine.unknown_schema_keys
+
+
+def test_a_gap_between_ticks_is_not_silence() -> None:
+    # ticks travel through the broker: when they stop (an outage), the episodes' silence stops counting
+    import dataclasses
+
+    world = World()
+    world.machine.config = dataclasses.replace(world.config, tick_gap_s=10.0)
+    publish_episode(world, "e", 2, end=False)
+    while world.deliverable():
+        world.deliver(world.deliverable()[0])
+    world.tick(1.0)
+    world.tick(25.0)  # the next tick comes 25 s later: past the abort timeout (20 s), but it was a gap
+    world.flush_write()
+    world.flush_done()
+    assert stored_episodes(world) == Counter()
+    world.publish(Kind.STEP, step_record("e", 2), eid="e")  # drained from a robot's spool after the outage
+    world.publish(Kind.EPISODE, end_record("e", 3), eid="e")
+    world.settle()
+    assert episode_row(world, "e")["closed_by"] == "end_event"

@@ -111,7 +111,7 @@ class World:
     rng: random.Random = field(default_factory=lambda: random.Random(0))
     config: MachineConfig = field(default_factory=lambda: MachineConfig(
         topics=dict(TOPICS), control_topic="control", chunk_steps=2, chunk_age_s=1.0, end_grace_s=5.0,
-        abort_timeout_s=20.0, tombstone_ttl_s=1e9))
+        abort_timeout_s=20.0, tombstone_ttl_s=1e9, tick_gap_s=1e9))
     now: float = T0
     topics: dict[tuple[Kind, int], list[Message]] = field(default_factory=lambda: defaultdict(list))
     committed: dict[tuple[Kind, int], int] = field(default_factory=lambda: defaultdict(int))
