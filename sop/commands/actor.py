@@ -108,12 +108,12 @@ def ensure_policy(settings: Settings, actor_settings: ActorSettings) -> str | No
     """Register the noisy scripted expert as ``policy_model_name@policy_alias`` if the alias is unset.
     Returns the version registered, or None when the alias already pointed somewhere."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
+    from infra.registry import registry_client
     from sim.expert_pyfunc import register_expert_policy
 
     uri = settings.tracking_uri
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = registry_client(uri)
     try:
         client.get_model_version_by_alias(settings.policy_model_name, settings.policy_alias)
         return None
