@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,8 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
-from mlflow.entities import LoggedModelStatus
 
-from infra.registry import ensure_registered_model, experiment_id, registry_client
+from infra.registry import ensure_registered_model, experiment_id, register_pyfunc_version, registry_client
 from learner.artifacts import check_finite, write_artifacts
 from learner.model import Condition, VLAPolicy
 from learner.pyfunc import SOPPolicy, SOPValue
@@ -66,31 +64,16 @@ def _register(*, wrapper: Callable[[str], mlflow.pyfunc.PythonModel], write: Cal
     client = registry_client(tracking_uri)
     exp_id = experiment_id(client, experiment)
     ensure_registered_model(client, name)
-    tags = _tags(metrics, lineage)
-    logged = client.create_logged_model(experiment_id=exp_id, name=name, source_run_id=run_id, tags=tags)
-    # The artifact location rather than "models:/<model_id>", and the model id only along with a run id:
-    # MLflow 3.17's SQL registry resolves either through the process-wide tracking URI, not this client's.
-    mv = client.create_model_version(name, source=logged.artifact_location, run_id=run_id, tags=tags,
-                                     model_id=logged.model_id if run_id is not None else None)
-    try:
-        with tempfile.TemporaryDirectory(prefix="sop-register-") as tmp:
-            artifacts = write(Path(tmp) / "files")
-            model_dir = Path(tmp) / "model"
-            with _quiet_pickle_warning():
-                mlflow.pyfunc.save_model(str(model_dir), python_model=wrapper(str(mv.version)),
-                                         artifacts=artifacts, pip_requirements=_requirements())
-            client.log_model_artifacts(logged.model_id, str(model_dir))
-        client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
-    except BaseException:
-        client.delete_model_version(name, mv.version)
-        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
-        raise
+    with _quiet_pickle_warning():
+        version = register_pyfunc_version(client, name=name, experiment_id=exp_id, make_model=wrapper,
+                                          artifacts=write, pip_requirements=_requirements(),
+                                          tags=_tags(metrics, lineage), run_id=run_id)
     if run_id is not None and metrics:
         for key, value in metrics.items():
             client.log_metric(run_id, key, float(value), step=step or 0)
-    if alias is not None:
-        client.set_registered_model_alias(name, alias, mv.version)
-    return str(mv.version)
+    if alias is not None:  # after the metrics, so whoever follows the alias finds them logged
+        client.set_registered_model_alias(name, alias, version)
+    return version
 
 
 def register_policy(model: VLAPolicy, *, name: str = POLICY_NAME, alias: str | None = "champion",
