@@ -37,7 +37,7 @@ def command(steps: int | None, algorithm: str | None, tasks: str | None, evaluat
     import torch
     from mlflow.entities import Metric, RunStatus
 
-    from infra.registry import registry_client
+    from infra.registry import experiment_id, registry_client
     from learner import registry
     from learner.algorithms import make_algorithm
     from learner.config import to_dict
@@ -59,7 +59,7 @@ def command(steps: int | None, algorithm: str | None, tasks: str | None, evaluat
     lake = open_lake(shared)
     text = text_encoder(shared)
     client = registry_client(tracking_uri)
-    exp_id = registry.experiment_id(client, "sop")
+    exp_id = experiment_id(client, "sop")
     run_id = client.create_run(exp_id, run_name="pretrain", tags={"sop.role": "pretrain"}).info.run_id
     client.log_param(run_id, "model", json.dumps(to_dict(model_cfg)))
     client.log_param(run_id, "train", json.dumps(to_dict(train)))

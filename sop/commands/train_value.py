@@ -32,7 +32,7 @@ def command(steps: int | None, tasks: str | None, no_promote: bool) -> None:
     import torch
     from mlflow.entities import Metric, RunStatus
 
-    from infra.registry import registry_client
+    from infra.registry import experiment_id, registry_client
     from learner import registry
     from learner.config import to_dict
     from learner.pretrain import NoDemonstrations, pretrain_value
@@ -49,7 +49,7 @@ def command(steps: int | None, tasks: str | None, no_promote: bool) -> None:
     console = Console()
     tracking_uri = prepare_registry(shared)
     client = registry_client(tracking_uri)
-    run_id = client.create_run(registry.experiment_id(client, "sop"), run_name="train-value",
+    run_id = client.create_run(experiment_id(client, "sop"), run_name="train-value",
                                tags={"sop.role": "train-value"}).info.run_id
     client.log_param(run_id, "value_model", json.dumps(to_dict(value_cfg)))
     client.log_param(run_id, "steps", settings.value_steps)
