@@ -129,8 +129,7 @@ def one_actor(tasks: list[str], *, image_size: int, seconds: float, settings: Se
 def fleet_propagation(*, actors: int, promotions: int, tasks: list[str], image_size: int, env: dict[str, str],
                       uri: str, run_dir: Path) -> tuple[list[float], list[float], list[float]]:
     """Returns per promotion: the fleet latency (slowest actor), every actor's latency, alias -> loaded (slowest)."""
-    from mlflow.tracking import MlflowClient
-
+    from infra.registry import registry_client
     from producers.fleet import ActorStatus
     from sim.expert_pyfunc import register_expert_policy
 
@@ -154,7 +153,7 @@ def fleet_propagation(*, actors: int, promotions: int, tasks: list[str], image_s
                 raise RuntimeError(f"fleet never got to {what}; log:\n{log.read_text()[-3000:]}")
             time.sleep(0.02)
 
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = registry_client(uri)
     fleet_latency, actor_latency, loaded_latency = [], [], []
     try:
         wait(lambda: len(statuses()) == actors and all(st.steps > 200 for st in statuses()), "steady running")

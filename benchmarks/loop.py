@@ -139,10 +139,10 @@ def success_over_time(run_dir: Path, *, checkpoints_min: list[float], episodes: 
     """Held-out success (operator off) of the policy the fleet was running at each checkpoint: the newest
     registered version created before ``start + t``. The online success (operator on) is no measure of
     the policy alone — the operator's rescues keep even the frozen base near 0.8."""
-    from mlflow.tracking import MlflowClient
+    from infra.registry import registry_client
 
     started = json.loads((run_dir / "last-run.json").read_text())["started_at"]
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    client = registry_client(f"sqlite:///{run_dir / 'mlflow.db'}")
     versions = sorted((v.creation_timestamp / 1000, v.version) for v in client.search_model_versions("name = 'sop-policy'"))
     curve = {}
     for t in checkpoints_min:
@@ -218,9 +218,9 @@ def sampler(args: argparse.Namespace, base: Path, out: Path) -> dict:
 
 def omega_history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """The online share per task the learner sampled with, by learner step (its MLflow ``omega_on/<task>``)."""
-    from mlflow.tracking import MlflowClient
+    from infra.registry import registry_client
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    client = registry_client(f"sqlite:///{run_dir / 'mlflow.db'}")
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
             if r.data.tags.get("sop.role") == "learner"]
     history: dict[str, list[tuple[int, float]]] = {}

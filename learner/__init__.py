@@ -17,7 +17,11 @@ Modules (import them directly; this file imports nothing, so a light module stay
 - ``sampler``     ``AdaptiveSampler`` (equal task weights, loss-driven online share), ``Prefetcher``
 - ``quarantine``  ``row_problem`` / ``RowSpec``: rows that cannot be learned from, ``Quarantine`` counts them by reason
 - ``trainer``     ``Learner``: one update per ``step()``; ``AsyncPublisher``
-- ``registry``    ``register_policy`` / ``register_value`` / ``load_latest``: pyfunc versions actors load
+- ``registry``    one import for the four below: ``register_policy`` / ``register_value`` / ``load_latest``
+- ``artifacts``   a version's files (weights, config, instruction embeddings); ``check_finite``
+- ``pyfunc``      ``SOPPolicy`` / ``SOPValue``: the pyfunc wrappers actors and the processor load
+- ``publishing``  ``register_policy`` / ``register_value`` / ``move_alias``
+- ``loading``     ``load_latest`` / ``load_version``: versions back for resuming and evaluation
 - ``feeder``      ``DeltaFeeder``: Delta ``demonstrations`` / ``steps`` -> sampler buffers, incrementally, on a thread
 - ``online``      ``run_learning(LearnConfig, ...)``: the continuous learner behind ``sop learn`` (resume, publish,
                   auto or gated promotion, MLflow metrics, JSON status)
@@ -38,8 +42,9 @@ Modules (import them directly; this file imports nothing, so a light module stay
                               spec=RowSpec.for_policy(cfg_model))  # broken rows are quarantined, counted
     for episode in demonstrations:                                      # offline: clean expert labels
         sampler.add_episode(episode, source="offline")
-    publish = AsyncPublisher(PolicyPublisher(tracking_uri=uri, embeddings=text.table, lineage=lambda: {...},
-                                             condition=algorithm.condition))   # registers off-thread
+    publish = AsyncPublisher(lambda model, step, metrics: register_policy(   # registers off-thread
+        model, tracking_uri=uri, metrics=metrics, lineage={"learner_step": step}, embeddings=text.table(),
+        condition=algorithm.condition, step=step))
     with Prefetcher(sampler, depth=cfg_sampler.prefetch_batches) as batches, publish:
         learner = Learner(model, algorithm, batches, cfg_train, feedback=sampler, publish=publish,
                           omega=sampler.omega, start_step=resumed.lineage["learner_step"] if resumed else 0)

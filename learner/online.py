@@ -36,7 +36,7 @@ import torch
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from infra.registry import registry_client
+from infra.registry import experiment_id, registry_client
 from lakehouse import Lakehouse
 from learner import registry
 from learner.algorithms import Recap, make_algorithm
@@ -258,7 +258,7 @@ def run_learning(config: LearnConfig, *, lake: Lakehouse, tracking_uri: str | No
     client = registry_client(tracking_uri) if main else None
     run_id: str | None = None
     if client is not None:
-        exp_id = registry.experiment_id(client, config.experiment)
+        exp_id = experiment_id(client, config.experiment)
         run = client.create_run(exp_id, run_name=f"learn-{train_cfg.algorithm}",
                                 tags={"sop.role": "learner", "sop.resumed_from": str(resumed.version),
                                       "sop.world_size": str(world)})

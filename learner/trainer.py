@@ -28,7 +28,7 @@ class LossFeedback(Protocol):
 
 class Learner:
     """Pulls a batch, takes one gradient step, feeds the per-sample losses back to the sampler, and every
-    ``publish_every`` steps hands the (EMA of the) weights to ``publish`` (e.g. ``registry.PolicyPublisher``).
+    ``publish_every`` steps hands the (EMA of the) weights to ``publish`` (e.g. a call of ``registry.register_policy``).
 
     A step whose loss or gradient norm is NaN/Inf changes nothing (no optimizer or EMA update); it still
     counts as a step and is counted in ``skipped_steps`` (``metrics["skipped_steps"]``).

@@ -1,5 +1,5 @@
 """The runtime side of a registered policy: loading an MLflow model version into a ready-to-act
-:class:`~producers.interfaces.Policy`, and ``register_policy`` for any ``PythonModel`` that follows the
+:class:`~producers.interfaces.Policy`, and ``register_python_model`` for any ``PythonModel`` that follows the
 contract below (the simulated world registers its scripted expert with it: ``sim.expert_pyfunc``).
 
 Contract for every policy registered in MLflow: a ``mlflow.pyfunc.PythonModel`` whose
@@ -10,12 +10,9 @@ The registry's version number (a string, e.g. "3") is the policy version actors 
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 import mlflow
-from mlflow.entities import LoggedModelStatus
 
 from infra import registry
 from infra.registry import registry_client
@@ -82,7 +79,7 @@ def load_policy_from_registry(
     return policy
 
 
-def register_policy(
+def register_python_model(
     make_model: Callable[[str], mlflow.pyfunc.PythonModel],
     tracking_uri: str,
     *,
@@ -92,31 +89,17 @@ def register_policy(
     artifact_location: str | None = None,
     tags: dict[str, str] | None = None,
 ) -> str:
-    """Register a new version of ``model_name`` holding ``make_model(version)``, point ``alias`` at
-    it (None: leave the alias alone) and return the version number.
+    """Register any ``PythonModel`` that follows the policy contract (no artifacts of its own) as a new
+    version of ``model_name`` holding ``make_model(version)``, point ``alias`` at it (None: leave the alias
+    alone) and return the version number.
 
-    The version is created first so that its number is baked into the model (``.version``), as
-    the learner does; nobody loads it before the alias moves, and a failed upload deletes it.
-    Only ``MlflowClient`` calls: the process-wide tracking URI is neither read nor changed.
-    The experiment is created with ``artifact_location`` if it does not exist yet.
+    The version number is baked into the model as the learner's ``register_policy`` does (both go through
+    ``infra.registry.register_pyfunc_version``). The experiment is created with ``artifact_location`` if it
+    does not exist yet.
     """
     client = registry_client(tracking_uri)
     experiment_id = registry.experiment_id(client, experiment, artifact_location=artifact_location,
                                           require_location=True)
     registry.ensure_registered_model(client, model_name)
-    logged = client.create_logged_model(experiment_id=experiment_id, name=model_name, tags=tags)
-    created = client.create_model_version(model_name, source=logged.artifact_location, tags=tags)
-    version = str(created.version)
-    try:
-        with tempfile.TemporaryDirectory(prefix="sop-policy-") as tmp:
-            model_dir = Path(tmp) / "model"
-            mlflow.pyfunc.save_model(str(model_dir), python_model=make_model(version), pip_requirements=[])
-            client.log_model_artifacts(logged.model_id, str(model_dir))
-        client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
-    except BaseException:
-        client.delete_model_version(model_name, version)
-        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
-        raise
-    if alias is not None:
-        client.set_registered_model_alias(model_name, alias, version)
-    return version
+    return registry.register_pyfunc_version(client, name=model_name, experiment_id=experiment_id,
+                                            make_model=make_model, pip_requirements=[], tags=tags, alias=alias)

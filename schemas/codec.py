@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import fastavro
+import fastavro.validation
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from schemas.records import RECORD_NAMES
@@ -296,6 +297,19 @@ def schema_versions(name: str, avsc_dir: Path = AVSC_DIR) -> dict[str, dict]:
     return out
 
 
+def _encode_error(name: str, parsed: Any, record: dict[str, Any], exc: Exception) -> InvalidMessageError:  # noqa: ANN401
+    """Why the generated encoder refused ``record``: fastavro's validator names the field (it runs only on this
+    error path, so the fast path stays fast). A record fastavro accepts is a bug of the generated encoder, and
+    is said so rather than written some other way."""
+    try:
+        fastavro.validation.validate(record, parsed, raise_errors=True)
+    except (fastavro.validation.ValidationError, ValueError, TypeError, KeyError, AttributeError) as invalid:
+        detail = "; ".join(str(e) for e in getattr(invalid, "errors", ())) or str(invalid)
+        return InvalidMessageError(f"{name} record does not match its schema: {detail}")
+    return InvalidMessageError(f"{name} record is valid for fastavro but the generated encoder failed on it "
+                               f"({type(exc).__name__}: {exc}): a bug in schemas.codec._compile_encoder")
+
+
 class Codec:
     """Encode and decode over a set of schema releases (all of them by default).
 
@@ -320,8 +334,8 @@ class Codec:
             if s.fast_encoder is not None:
                 try:
                     return s.fast_encoder(record, MARKER + s.fingerprint)
-                except (KeyError, TypeError, AttributeError, ValueError, struct.error, IndexError):
-                    pass  # fastavro below raises a precise InvalidMessageError
+                except (KeyError, TypeError, AttributeError, ValueError, struct.error, IndexError) as exc:
+                    raise _encode_error(name, s.parsed, record, exc) from exc
             parsed, fp = s.parsed, s.fingerprint
         else:
             parsed = fastavro.parse_schema(schema)

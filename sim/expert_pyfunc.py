@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 
 from producers.interfaces import Observation
-from producers.policies import DEFAULT_ALIAS, DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, register_policy
+from producers.policies import DEFAULT_ALIAS, DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, register_python_model
 
 
 class ExpertPyfunc(mlflow.pyfunc.PythonModel):
@@ -65,7 +65,7 @@ def register_expert_policy(
     artifact_location: str | None = None,
 ) -> str:
     """Register the noisy scripted expert as a version of ``model_name`` (a stand-in policy)."""
-    return register_policy(
+    return register_python_model(
         lambda version: ExpertPyfunc(noise_sigma=noise_sigma, seed=seed, version=version),
         tracking_uri,
         model_name=model_name,

@@ -65,9 +65,10 @@ class LoopConfig:
 
 def _champion(settings: Settings) -> str | None:
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    from infra.registry import registry_client
+
+    client = registry_client(settings.tracking_uri)
     try:
         return client.get_model_version_by_alias(settings.policy_model_name, settings.policy_alias).version
     except MlflowException:
@@ -233,11 +234,10 @@ class ClosedLoop:
         return summary
 
     def _log_to_mlflow(self, out: Path, summary: dict, stamp: str) -> None:
-        from mlflow.tracking import MlflowClient
-
         from infra.mlflow_local import ensure_experiment
+        from infra.registry import registry_client
 
-        client = MlflowClient(tracking_uri=self.settings.tracking_uri)
+        client = registry_client(self.settings.tracking_uri)
         exp = ensure_experiment(self.settings.tracking_uri, self.settings.artifact_root)
         run = client.create_run(exp, run_name=f"sop-run-{stamp}", tags={"sop.kind": "closed-loop"})
         for key in ("episodes", "episodes_per_hour", "success_last_window_mean", "final_rolling_success",

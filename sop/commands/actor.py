@@ -16,18 +16,17 @@ is drained by the next ``sop actor`` with the same ``--actor-id``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
-import time
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -35,17 +34,15 @@ from rich.live import Live
 from rich.text import Text
 
 from producers.fleet import ActorStatus, rate
-from producers.interfaces import EpisodeStats
 from sim.tasks import ONLINE_SEEDS
 from sop.actor_settings import ActorSettings, load_actor_settings, parse_tasks
 from sop.settings import Settings, load_settings
 
 if TYPE_CHECKING:
-    from producers.publisher import PublisherStats
-    from producers.registry_source import Refusal, RegistryPolicySource, Switch
+    from producers.actor_runner import ActorOutcome
+    from producers.publisher import EventPublisher, PublisherStats
+    from producers.registry_source import Refusal, Switch
 
-LOG = logging.getLogger("sop.actor")
-PAUSED = "paused"  # the publisher's spool is full: the robot waits between steps
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,17 +84,6 @@ class ActorRun:
             )
 
 
-@dataclass(frozen=True)
-class ActorOutcome:
-    status: ActorStatus
-    undelivered: int  # messages neither acknowledged nor failed when the flush gave up
-    error: str | None  # why the actor loop failed
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.undelivered == 0 and self.status.failed == 0
-
-
 def quiet_mlflow() -> None:
     """MLflow warns about pyfunc type hints and pickling on every policy saved or loaded: noise for a robot."""
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow(\..*)?")
@@ -108,12 +94,12 @@ def ensure_policy(settings: Settings, actor_settings: ActorSettings) -> str | No
     """Register the noisy scripted expert as ``policy_model_name@policy_alias`` if the alias is unset.
     Returns the version registered, or None when the alias already pointed somewhere."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
+    from infra.registry import registry_client
     from sim.expert_pyfunc import register_expert_policy
 
     uri = settings.tracking_uri
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = registry_client(uri)
     try:
         client.get_model_version_by_alias(settings.policy_model_name, settings.policy_alias)
         return None
@@ -133,193 +119,96 @@ def ensure_policy(settings: Settings, actor_settings: ActorSettings) -> str | No
 def run_actor(run: ActorRun, *, settings: Settings, actor_settings: ActorSettings, console: Console,
               stop_event: threading.Event | None = None) -> ActorOutcome:
     """Run one actor until its episodes or duration are done, or ``stop_event`` is set (SIGINT/SIGTERM set it
-    when this runs in the main thread)."""
+    when this runs in the main thread): simulated robots and operator plugged into ``producers.actor_runner``."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from producers.actor import Actor, ActorConfig
-    from producers.fleet import DONE, FAILED, RUNNING, STOPPING, ActorMonitor
-    from producers.registry_source import NoPolicyYetError, RegistryPolicySource, RegistrySourceConfig
+    from producers.actor import ActorConfig
+    from producers.actor_runner import RunnerConfig, run_robot_process
+    from producers.registry_source import NoPolicyYetError, RegistrySourceConfig
     from producers.spool import SpoolError
     from sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
     from sim.operator import GatedExpertOperator
     from sop.commands.loadgen import make_publisher
 
-    stop = stop_event or threading.Event()
     settings.bootstrap()  # fail before building robots when there is no Kafka
     if run.register_expert_if_missing and (version := ensure_policy(settings, actor_settings)):
         console.print(f"registered the noisy scripted expert as {settings.policy_model_name} version {version} "
                       f"@{settings.policy_alias} (stand-in until the learner registers a policy)")
-    robots: list[MetaWorldRobot] = []
-    restore = _install_signal_handlers(stop)
-    monitor = ActorMonitor(run.actor_id)
-    source: RegistryPolicySource | None = None
-    thread: threading.Thread | None = None
-    failures: list[str] = []
-    try:
-        robots = [MetaWorldRobot(MetaWorldRobotConfig(task=task, cameras=actor_settings.cameras,
-                                                      image_size=run.image_size,
-                                                      max_steps=settings.max_episode_steps)) for task in run.tasks]
-        source = RegistryPolicySource(
-            RegistrySourceConfig(tracking_uri=settings.tracking_uri, model_name=settings.policy_model_name,
-                                 alias=settings.policy_alias, poll_interval_s=actor_settings.actor_poll_interval_s,
-                                 action_dim=robots[0].action_dim,
-                                 retry_refused_after_s=actor_settings.actor_retry_refused_after_s),
-            probe=robots[0].reset(seed=run.seed_start),  # vet versions on what this robot really sees
-        )
-        source.start()
+    robot_config = {"cameras": actor_settings.cameras, "image_size": run.image_size,
+                    "max_steps": settings.max_episode_steps}
+    config = RunnerConfig(
+        actor=ActorConfig(actor_id=run.actor_id, control_hz=run.control_hz, seed_start=run.seed_start,
+                          seed_stride=run.seed_stride, max_episodes=run.episodes,
+                          jpeg_quality=actor_settings.actor_jpeg_quality),
+        source=RegistrySourceConfig(tracking_uri=settings.tracking_uri, model_name=settings.policy_model_name,
+                                    alias=settings.policy_alias, poll_interval_s=actor_settings.actor_poll_interval_s,
+                                    retry_refused_after_s=actor_settings.actor_retry_refused_after_s),
+        policy_wait_s=actor_settings.actor_policy_wait_s, status_interval_s=actor_settings.actor_status_interval_s,
+        flush_timeout_s=actor_settings.actor_flush_timeout_s, duration_s=run.duration_s, status_file=run.status_file)
+
+    def publisher(on_failure: Callable[[Any], None]) -> EventPublisher:
         try:
-            source.wait_ready(3.0)
-        except NoPolicyYetError as exc:
-            console.print(f"waiting up to {actor_settings.actor_policy_wait_s:.0f}s (SOP_ACTOR_POLICY_WAIT_S) for a "
-                          f"loadable version: {exc}")
-        _wait_for_policy(source, stop, actor_settings.actor_policy_wait_s)
-        if stop.is_set():
-            return ActorOutcome(monitor.status(state=DONE), 0, None)
-        try:
-            publisher = make_publisher(settings, on_failure=lambda f: failures.append(f"{f.topic}: {f.error}"),
-                                       raise_on_failure=False,
-                                       spool=actor_settings.spool_config(settings.run_path, run.actor_id),
-                                       spill_after_s=actor_settings.actor_spool_after_s)
+            return make_publisher(settings, on_failure=on_failure, raise_on_failure=False,
+                                  spool=actor_settings.spool_config(settings.run_path, run.actor_id),
+                                  spill_after_s=actor_settings.actor_spool_after_s)
         except SpoolError as exc:
             raise click.ClickException(str(exc)) from None
-        deadline = None if run.duration_s is None else time.monotonic() + run.duration_s
 
-        def on_episode(stats: EpisodeStats) -> None:
-            monitor.on_episode(stats)
-            if deadline is not None and time.monotonic() >= deadline:
-                stop.set()  # let the episode that just ended be the last one
-
-        actor = Actor(
-            robots, source,
-            GatedExpertOperator(actor_settings.operator_config(), operator_id=f"sim-expert@{run.actor_id}")
-            if run.operator else None,
-            monitor.sink(publisher),
-            ActorConfig(actor_id=run.actor_id, control_hz=run.control_hz, seed_start=run.seed_start,
-                        seed_stride=run.seed_stride, max_episodes=run.episodes,
-                        jpeg_quality=actor_settings.actor_jpeg_quality),
-            stop_event=stop, on_episode=on_episode, hold=publisher.wait_for_room,
-        )
-        crashed: list[BaseException] = []
-
-        def body() -> None:
-            try:
-                actor.run()
-            except BaseException as exc:  # reported by the main thread
-                crashed.append(exc)
-
-        thread = threading.Thread(target=body, name=f"actor-{run.actor_id}", daemon=True)
-        thread.start()
-
-        def snapshot(state: str) -> ActorStatus:
-            publisher.poll(0)  # serve delivery reports so the acked count is current
-            stats = publisher.stats
-            if state == RUNNING and stats.paused:
-                state = PAUSED
-            spool = {k: getattr(stats, k) for k in ("spool_state", "spooled", "drained", "recovered", "spool_pending",
-                                                     "spool_bytes", "spool_max_bytes", "ambiguous", "spills")
-                     if hasattr(stats, k)}
-            return monitor.status(state=state, delivered=stats.delivered, failed=stats.failed,
-                                  in_flight=stats.in_flight, switches=[asdict(s) for s in source.history],
-                                  refused=source.refused, spool=spool)
-
-        shown_switches = shown_refusals = 0
-        with Live(Text(""), console=console, transient=True, auto_refresh=False,
-                  redirect_stdout=False, redirect_stderr=False) if run.show_status else _Nothing() as live:
-            while thread.is_alive():
-                thread.join(actor_settings.actor_status_interval_s)
-                status = snapshot(STOPPING if stop.is_set() else RUNNING)
-                shown_switches = _report_switches(console, source.history, shown_switches)
-                shown_refusals = _report_refusals(console, source.refusals, shown_refusals)
-                if run.status_file is not None:
-                    status.write(run.status_file)
-                if run.show_status:
-                    live.update(status_line(status, publisher.stats), refresh=True)
-        error = None
-        if crashed:
-            error = f"{type(crashed[0]).__name__}: {crashed[0]}"
-            LOG.error("actor %s failed", run.actor_id, exc_info=crashed[0])
-        undelivered = publisher.close(actor_settings.actor_flush_timeout_s)
-        final = snapshot(FAILED if error else DONE)
-        final.error = error
-        if run.status_file is not None:
-            final.write(run.status_file)
-        for line in failures[:5]:
-            console.print(f"[red]delivery failed: {line}")
-        if publisher.stats.spool_pending:
-            console.print(f"[yellow]{publisher.stats.spool_pending:,} message(s) wait in the spool "
-                          f"{publisher.spool_directory}: the next `sop actor --actor-id {run.actor_id}` drains them")
-        if publisher.stats.spool_state != "off" and (publisher.stats.spooled or publisher.stats.recovered):
-            console.print(spool_summary(publisher.stats))
-        return ActorOutcome(final, undelivered, error)
+    operator = (GatedExpertOperator(actor_settings.operator_config(), operator_id=f"sim-expert@{run.actor_id}")
+                if run.operator else None)
+    try:
+        outcome = run_robot_process(
+            config, make_robots=lambda: [MetaWorldRobot(MetaWorldRobotConfig(task=task, **robot_config))
+                                         for task in run.tasks],
+            operator=operator, make_publisher=publisher, reporter=_Terminal(console, run.show_status),
+            stop_event=stop_event)
     except NoPolicyYetError as exc:
-        error = str(exc)
-        status = monitor.status(state=FAILED, error=error, refused=source.refused if source else {})
-        if run.status_file is not None:
-            status.write(run.status_file)
-        raise click.ClickException(error) from None
-    finally:
-        restore()
-        if source is not None:
-            source.close()
-        if thread is None or not thread.is_alive():  # a second signal leaves a robot mid-step: let exit reap it
-            for robot in robots:
-                robot.close()
+        raise click.ClickException(str(exc)) from None
+    for line in outcome.delivery_failures[:5]:
+        console.print(f"[red]delivery failed: {line}")
+    stats = outcome.publisher
+    if stats is not None and stats.spool_pending:
+        console.print(f"[yellow]{stats.spool_pending:,} message(s) wait in the spool "
+                      f"{outcome.spool_directory}: the next `sop actor --actor-id {run.actor_id}` drains them")
+    if stats is not None and stats.spool_state != "off" and (stats.spooled or stats.recovered):
+        console.print(spool_summary(stats))
+    return outcome
 
 
-def _wait_for_policy(source: RegistryPolicySource, stop: threading.Event, timeout_s: float) -> None:
-    """Wait for the first version, in slices so that a signal during the wait stops it."""
-    from producers.registry_source import NoPolicyYetError
+class _Terminal:
+    """``sop actor``'s reporter: lines on the console and, when asked, a live status line."""
 
-    deadline = time.monotonic() + timeout_s
-    while not stop.is_set():
-        try:
-            source.wait_ready(min(1.0, max(0.01, deadline - time.monotonic())))
-            return
-        except NoPolicyYetError:
-            if time.monotonic() >= deadline:
-                raise
+    def __init__(self, console: Console, live: bool) -> None:
+        self.console = console
+        self.live = live
+        self._view: Live | None = None
 
+    def waiting(self, wait_s: float, why: Exception) -> None:
+        self.console.print(f"waiting up to {wait_s:.0f}s (SOP_ACTOR_POLICY_WAIT_S) for a loadable version: {why}")
 
-class _Nothing:
-    def __enter__(self) -> _Nothing:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def update(self, *args: object, **kw: object) -> None:
-        pass
-
-
-def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
-    """SIGINT/SIGTERM set ``stop`` (the episode in progress ends ABORTED); a second one exits at once."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def handler(signum: int, _frame: object) -> None:
-        if stop.is_set():
-            raise SystemExit(128 + signum)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def restore() -> None:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-    return restore
-
-
-def _report_switches(console: Console, history: list[Switch], shown: int) -> int:
-    for switch in history[shown:]:
+    def switch(self, switch: Switch) -> None:
         was = f" (was {switch.previous})" if switch.previous else ""
-        console.print(f"policy version {switch.version}{was}: loaded in {switch.load_s:.2f}s")
-    return len(history)
+        self.console.print(f"policy version {switch.version}{was}: loaded in {switch.load_s:.2f}s")
 
+    def refusal(self, refusal: Refusal) -> None:
+        self.console.print(f"[red]refused policy version {refusal.version}[/red], keeping the current one: "
+                           f"{refusal.error}")
 
-def _report_refusals(console: Console, refusals: list[Refusal], shown: int) -> int:
-    for refusal in refusals[shown:]:
-        console.print(f"[red]refused policy version {refusal.version}[/red], keeping the current one: {refusal.error}")
-    return len(refusals)
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        if not self.live:
+            yield None
+            return
+        with Live(Text(""), console=self.console, transient=True, auto_refresh=False,
+                  redirect_stdout=False, redirect_stderr=False) as view:
+            self._view = view
+            try:
+                yield None
+            finally:
+                self._view = None
+
+    def status(self, status: ActorStatus, publisher: PublisherStats) -> None:
+        if self._view is not None:
+            self._view.update(status_line(status, publisher), refresh=True)
 
 
 def status_line(status: ActorStatus, publisher: PublisherStats | None = None) -> Text:

@@ -36,8 +36,8 @@ def command(steps: int | None, algorithm: str | None, tasks: str | None, evaluat
     """Train the base policy from the demonstrations and register it as the champion."""
     import torch
     from mlflow.entities import Metric, RunStatus
-    from mlflow.tracking import MlflowClient
 
+    from infra.registry import experiment_id, registry_client
     from learner import registry
     from learner.algorithms import make_algorithm
     from learner.config import to_dict
@@ -58,8 +58,8 @@ def command(steps: int | None, algorithm: str | None, tasks: str | None, evaluat
     tracking_uri = prepare_registry(shared)
     lake = open_lake(shared)
     text = text_encoder(shared)
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    exp_id = registry.experiment_id(client, "sop")
+    client = registry_client(tracking_uri)
+    exp_id = experiment_id(client, "sop")
     run_id = client.create_run(exp_id, run_name="pretrain", tags={"sop.role": "pretrain"}).info.run_id
     client.log_param(run_id, "model", json.dumps(to_dict(model_cfg)))
     client.log_param(run_id, "train", json.dumps(to_dict(train)))

@@ -31,8 +31,8 @@ def command(steps: int | None, tasks: str | None, no_promote: bool) -> None:
     """Train the value model on demonstrations + closed online episodes and register it (`sop-value@champion`)."""
     import torch
     from mlflow.entities import Metric, RunStatus
-    from mlflow.tracking import MlflowClient
 
+    from infra.registry import experiment_id, registry_client
     from learner import registry
     from learner.config import to_dict
     from learner.pretrain import NoDemonstrations, pretrain_value
@@ -48,8 +48,8 @@ def command(steps: int | None, tasks: str | None, no_promote: bool) -> None:
     train = settings.train_config(lr=settings.value_lr, ema_decay=0.0)
     console = Console()
     tracking_uri = prepare_registry(shared)
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    run_id = client.create_run(registry.experiment_id(client, "sop"), run_name="train-value",
+    client = registry_client(tracking_uri)
+    run_id = client.create_run(experiment_id(client, "sop"), run_name="train-value",
                                tags={"sop.role": "train-value"}).info.run_id
     client.log_param(run_id, "value_model", json.dumps(to_dict(value_cfg)))
     client.log_param(run_id, "steps", settings.value_steps)

@@ -18,7 +18,7 @@ import pytest
 from consumers.decoding import DecodingConsumer, DecodingConsumerConfig
 from producers.actor import Actor, ActorConfig
 from producers.fleet import ActorMonitor
-from producers.policies import register_policy
+from producers.policies import register_python_model
 from producers.publisher import EventPublisher, PublisherConfig
 from producers.registry_source import RegistryPolicySource, RegistrySourceConfig
 from sim.expert_pyfunc import register_expert_policy
@@ -176,9 +176,9 @@ def test_broken_versions_are_refused_and_the_actor_keeps_acting(kafka, topics, m
     register_expert_policy(mlflow_uri, noise_sigma=0.3, seed=1)
     with running_actor(kafka, topics, mlflow_uri) as run:
         run.wait(lambda: run.episodes_done() >= 1)
-        assert register_policy(LoadContextRaises, mlflow_uri) == "2"
+        assert register_python_model(LoadContextRaises, mlflow_uri) == "2"
         run.wait(lambda: "2" in run.source.refused)
-        assert register_policy(ActsWithTheWrongShape, mlflow_uri) == "3"
+        assert register_python_model(ActsWithTheWrongShape, mlflow_uri) == "3"
         run.wait(lambda: "3" in run.source.refused)
         refused_at = run.source.refusals[-1].at
         before = run.episodes_done()

@@ -11,7 +11,7 @@ import torch
 from conftest import INSTRUCTIONS, HashEmbedder, Obs, make_episode
 from mlflow.tracking import MlflowClient
 
-from learner import registry
+from learner import artifacts, registry
 from learner.config import EncoderConfig, ModelConfig, ValueConfig
 from learner.model import PolicyRuntime, VLAPolicy
 from learner.value import ValueModel, ValueRuntime
@@ -105,7 +105,7 @@ def test_unseen_instruction_falls_back_to_the_encoder(tracking_uri: str, monkeyp
             calls.extend(texts)
             return super().embed(texts)
 
-    monkeypatch.setattr(registry, "_embedding_fallback", CountingEmbedder)
+    monkeypatch.setattr(artifacts, "_embedding_fallback", CountingEmbedder)
     policy = mlflow.pyfunc.load_model("models:/sop-policy/1").unwrap_python_model()
     obs = observations(1)[0]
     policy.act(obs)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from producer_fakes import ConstantPolicy
 
-from producers.policies import register_policy
+from producers.policies import register_python_model
 from producers.registry_source import (
     NoPolicyYetError,
     PolicyRefusedError,
@@ -234,9 +234,9 @@ def test_follows_a_real_mlflow_alias_and_refuses_broken_pyfuncs(tmp_path: Path) 
     assert register_expert_policy(uri, noise_sigma=0.0, artifact_location=art) == "1"
     assert source.poll_once() is True
     assert isinstance(source.current(), ExpertPyfunc) and source.version == "1"
-    assert register_policy(LoadContextRaises, uri) == "2"
+    assert register_python_model(LoadContextRaises, uri) == "2"
     assert source.poll_once() is False and "weights file is corrupt" in source.refused["2"]
-    assert register_policy(WrongShape, uri) == "3"
+    assert register_python_model(WrongShape, uri) == "3"
     assert source.poll_once() is False and "shape (7,)" in source.refused["3"]
     assert source.current().version == "1"
     assert register_expert_policy(uri, noise_sigma=0.0) == "4"

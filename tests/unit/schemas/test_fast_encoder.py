@@ -36,3 +36,29 @@ def test_fast_encoder_is_byte_identical_to_fastavro() -> None:
         assert codec.encode(name, rec) == want
         seen.add(name)
     assert seen == set(RECORD_NAMES)
+
+
+def _a_step() -> dict:
+    return next(rec for name, rec in iter_fleet(LoadGenConfig(robots=1, hz=0, duration_s=None, episodes=1, seed=2))
+                if name == "Step")
+
+
+def test_a_record_the_fast_encoder_refuses_raises_naming_the_field() -> None:
+    with pytest.raises(codec.InvalidMessageError, match=r"sop\.Step\.step_index is <x>"):
+        codec.Codec().encode("Step", {**_a_step(), "step_index": "x"})
+
+
+def test_a_fast_encoder_failure_on_a_valid_record_is_not_hidden() -> None:
+    c = codec.Codec()
+    schema = c.registry.current["Step"]  # in the cached registry every codec shares: put it back after
+    working = schema.fast_encoder
+
+    def broken(record: dict, header: bytes) -> bytes:
+        raise IndexError("generated code out of step with the schema")
+
+    object.__setattr__(schema, "fast_encoder", broken)  # a frozen dataclass
+    try:
+        with pytest.raises(codec.InvalidMessageError, match="generated encoder failed.*out of step"):
+            c.encode("Step", _a_step())
+    finally:
+        object.__setattr__(schema, "fast_encoder", working)
