@@ -10,13 +10,22 @@ episode is in Delta) and the next one is acknowledged, faust commits straight ov
 
 :func:`committable_end` is the rule as a pure function; :func:`install` replaces ``Consumer._new_offset`` with it,
 using faust's own set of fetched-but-unacknowledged messages. Holes that faust recorded as real gaps in the log
-(compaction, transaction markers) are still skipped, as faust does.
+(compaction, transaction markers) are still skipped, as faust does; a hole at the head that faust did not record
+is not (it is an unacknowledged message: our input topics have no holes).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, MutableSequence
 from typing import Any
+
+
+def forget_acknowledgements(consumer: Any, tps: Any) -> None:
+    """Drop faust's record of acknowledged offsets of ``tps`` (on assignment): acknowledgements from before a
+    rebalance must not fill the run that is committed after it, while the same offsets are read and held again."""
+    for tp in tps:
+        consumer._acked.pop(tp, None)
+        consumer._acked_index.pop(tp, None)
 
 
 def committable_end(acked: MutableSequence[int], *, committed: int | None, unacked: Iterable[int]) -> int | None:
@@ -26,8 +35,8 @@ def committable_end(acked: MutableSequence[int], *, committed: int | None, unack
     if not acked:
         return None
     acked.sort()
-    if committed is not None and committed > 0 and acked[0] - committed > 1:
-        return None  # a hole at the head that faust did not record as a gap: not acknowledged yet
+    if committed is not None and acked[0] > committed:
+        return None  # the message at the committed offset is not acknowledged (faust tolerated a hole of one)
     end = acked[0] + 1
     for offset in acked[1:]:
         if offset != end:
@@ -45,10 +54,17 @@ def committable_end(acked: MutableSequence[int], *, committed: int | None, unack
     return end
 
 
-def install() -> None:
-    """Patch faust's consumer (idempotent)."""
+_held: Any = None  # tp -> offsets delivered to the agents and not acknowledged (strong references: see below)
+
+
+def install(held: Any) -> None:
+    """Patch faust's consumer (idempotent). ``held(tp)`` gives the offsets of ``tp`` that were delivered and are
+    not acknowledged. faust's own ``_unacked_messages`` is a WeakSet: a message whose event the processor dropped
+    (a revocation) vanishes from it while faust may still commit that partition, so it cannot be the cap."""
+    global _held
     from faust.transport.consumer import Consumer
 
+    _held = held
     if getattr(Consumer._new_offset, "_sop_guarded", False):
         return
 
@@ -63,7 +79,8 @@ def install() -> None:
                 acked.extend(range(entry.begin, entry.end))
             gaps.chop(0, top + 1)
         before = set(acked)
-        unacked = [m.offset for m in list(self._unacked_messages) if m.tp == tp and not m.acked]
+        unacked = list(_held(tp)) if _held is not None else []
+        unacked += [m.offset for m in list(self._unacked_messages) if m.tp == tp and not m.acked]
         end = committable_end(acked, committed=self._committed_offset[tp], unacked=unacked)
         if end is not None:
             self._acked_index[tp].difference_update(o for o in before if o < end)

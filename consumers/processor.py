@@ -268,7 +268,9 @@ class _WritersState:
 
 
 def build_app(config: ProcessorConfig) -> tuple[faust.App, Shell]:
-    commit_guard.install()
+    # offsets delivered to the agents and not acknowledged yet, per partition: commits never pass them
+    held: dict[Any, set[int]] = defaultdict(set)
+    commit_guard.install(lambda tp: held.get(tp, ()))
     config.datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         config.group_id, broker=f"kafka://{config.bootstrap}", store="memory://", datadir=str(config.datadir),
@@ -299,7 +301,9 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Shell]:
 
     def ack(handle: Any) -> None:
         if handle is not None and handle[1] == generation[0]:
-            handle[0].ack()
+            event = handle[0]
+            event.ack()
+            held[event.message.tp].discard(event.message.offset)
 
     def send_letter(letter: DeadLetter) -> None:
         """Send one dead letter; its input is acknowledged when the broker confirms it (re-sent until then)."""
@@ -335,6 +339,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Shell]:
         async def consume(stream: faust.StreamT) -> None:
             async for event in stream.noack().events():
                 msg = event.message
+                held[msg.tp].add(msg.offset)
                 inbound = Inbound(kind=kind, partition=msg.partition, offset=msg.offset, value=msg.value,
                                   key=msg.key, timestamp_ms=int(msg.timestamp * 1000) if msg.timestamp else None,
                                   handle=(event, generation[0]))
@@ -392,6 +397,8 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Shell]:
     @app.on_partitions_assigned.connect
     async def on_assigned(sender: Any, assigned: set, **_: Any) -> None:
         generation[0] += 1
+        held.clear()  # everything is read again from the committed offsets, and held anew
+        commit_guard.forget_acknowledgements(app.consumer, assigned)
         machine.assign({tp.partition for tp in assigned if tp.topic == topic_of[Kind.STEP]})
 
     @app.timer(config.tick_interval_s)
