@@ -400,26 +400,6 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Shell]:
         held.clear()  # everything is read again from the committed offsets, and held anew
         commit_guard.forget_acknowledgements(app.consumer, assigned)
         machine.assign({tp.partition for tp in assigned if tp.topic == topic_of[Kind.STEP]})
-        await rewind(assigned)
-
-    async def rewind(assigned: set) -> None:
-        """Read every assigned input partition again from its committed offset — or from its beginning when
-        nothing was committed yet: faust seeks only partitions that have a committed offset, so after a
-        rebalance in a young group a partition kept its position, and the events the machine had just dropped
-        (held, not acknowledged) were never read again (a SIGKILL test lost 25 interventions that way)."""
-        inputs = [tp for tp in assigned if tp.topic in topic_of.values()]
-        if not inputs:
-            return
-        try:
-            committed = await app.consumer.seek_to_committed()
-            fresh = [tp for tp in inputs if committed.get(tp) is None]
-            if fresh:
-                earliest = await app.consumer.earliest_offsets(*fresh)
-                for tp in fresh:
-                    await app.consumer.seek(tp, earliest.get(tp) or 0)
-        except Exception:  # the worker cannot know where to resume: stop rather than skip events
-            log.exception("could not rewind the assigned partitions; stopping the worker")
-            await app.crash(RuntimeError("rewind after assignment failed"))
 
     @app.timer(config.tick_interval_s)
     async def tick() -> None:
