@@ -359,16 +359,14 @@ class EpisodeMachine:
             ep.last_seen_s = max(ep.last_seen_s, now_s)
 
     def _dead_letter(self, msg: Inbound, reason: Reason, error: str) -> None:
-        self.deadletters[reason] += 1
-        self.outbox.letters.append(DeadLetter(
-            value=msg.value, key=msg.key, topic=self.config.topics[msg.kind], partition=msg.partition,
-            offset=msg.offset, timestamp_ms=msg.timestamp_ms, reason=reason, error=error, handle=msg.handle))
+        self._letter(msg.kind, msg.partition, msg.offset, msg.value, msg.key, reason, error, msg.handle,
+                     timestamp_ms=msg.timestamp_ms)
 
     def _letter(self, kind: Kind, p: int, offset: int, raw: bytes, key: bytes | None, reason: Reason,
-                error: str, handle: Any) -> None:
+                error: str, handle: Any, *, timestamp_ms: int | None = None) -> None:
         self.deadletters[reason] += 1
         self.outbox.letters.append(DeadLetter(value=raw, key=key, topic=self.config.topics[kind], partition=p,
-                                              offset=offset, timestamp_ms=None, reason=reason, error=error,
+                                              offset=offset, timestamp_ms=timestamp_ms, reason=reason, error=error,
                                               handle=handle))
 
     def failed(self, msg: Inbound, error: BaseException) -> None:

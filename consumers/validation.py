@@ -179,16 +179,23 @@ def validate_step(record: Mapping[str, Any], *, key: bytes | None, contracts: Co
     _images(record["images"], task, contracts, eid, index)
 
 
+def _event_head(name: str, record: Mapping[str, Any], *, key: bytes | None, contracts: Contracts, now_us: int,
+                skew: SkewWindow) -> tuple[str, str]:
+    """The checks every episode and intervention event shares (key, time, task, kind): its episode id and kind."""
+    eid = record["episode_id"]
+    _key(key, eid, name)
+    _time(record["event_time_us"], now_us, skew, name, eid)
+    _contract(record["task"], contracts, name, eid)
+    kind = record["kind"]
+    if kind not in KINDS:
+        raise Rejected(Reason.INVALID_VALUE, f"{name}.kind {kind!r} of episode {eid!r} is not one of {sorted(KINDS)}")
+    return eid, kind
+
+
 def validate_episode_event(record: Mapping[str, Any], *, key: bytes | None, contracts: Contracts, now_us: int,
                            skew: SkewWindow) -> None:
     """Raise :class:`Rejected` unless the ``EpisodeEvent`` is acceptable (key, time, task, kind, outcome, num_steps)."""
-    eid = record["episode_id"]
-    _key(key, eid, "EpisodeEvent")
-    _time(record["event_time_us"], now_us, skew, "EpisodeEvent", eid)
-    _contract(record["task"], contracts, "EpisodeEvent", eid)
-    kind = record["kind"]
-    if kind not in KINDS:
-        raise Rejected(Reason.INVALID_VALUE, f"EpisodeEvent.kind {kind!r} of episode {eid!r} is not one of {sorted(KINDS)}")
+    eid, kind = _event_head("EpisodeEvent", record, key=key, contracts=contracts, now_us=now_us, skew=skew)
     if kind == "ENDED":
         outcome, n = record.get("outcome"), record.get("num_steps")
         if outcome not in OUTCOMES:
@@ -202,14 +209,7 @@ def validate_episode_event(record: Mapping[str, Any], *, key: bytes | None, cont
 def validate_intervention(record: Mapping[str, Any], *, key: bytes | None, contracts: Contracts, now_us: int,
                           skew: SkewWindow) -> None:
     """Raise :class:`Rejected` unless the ``InterventionEvent`` is acceptable (key, time, task, kind, step_index)."""
-    eid = record["episode_id"]
-    _key(key, eid, "InterventionEvent")
-    _time(record["event_time_us"], now_us, skew, "InterventionEvent", eid)
-    _contract(record["task"], contracts, "InterventionEvent", eid)
-    kind = record["kind"]
-    if kind not in KINDS:
-        raise Rejected(Reason.INVALID_VALUE,
-                       f"InterventionEvent.kind {kind!r} of episode {eid!r} is not one of {sorted(KINDS)}")
+    eid, _ = _event_head("InterventionEvent", record, key=key, contracts=contracts, now_us=now_us, skew=skew)
     index = record["step_index"]
     # <= max_steps: a takeover that lasts to the end is ENDED at step_index == the episode's length.
     if not 0 <= index <= contracts.max_steps:

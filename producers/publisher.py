@@ -467,12 +467,17 @@ class EventPublisher:
             self._kafka_down = True
             self._mode = SPOOLING
 
-    def _record_failure(self, err: KafkaError, msg) -> None:  # noqa: ANN001
+    def _note_failure(self, err: KafkaError, msg) -> Failure:  # noqa: ANN001
+        """Count and keep a message reported failed for good (the caller holds the lock)."""
         self.stats.failed += 1
         key = msg.key()
         failure = Failure(topic=msg.topic(), key=key.decode() if key else None, error=str(err),
                           retriable=err.retriable())
         self.failures.append(failure)
+        return failure
+
+    def _record_failure(self, err: KafkaError, msg) -> None:  # noqa: ANN001
+        failure = self._note_failure(err, msg)
         if self._on_failure is not None:
             self._on_failure(failure)
 
@@ -610,11 +615,7 @@ class EventPublisher:
             if err is None:
                 self.stats.delivered += 1
                 return
-            self.stats.failed += 1
-            key = msg.key()
-            failure = Failure(topic=msg.topic(), key=key.decode() if key else None, error=str(err),
-                              retriable=err.retriable())
-            self.failures.append(failure)
+            failure = self._note_failure(err, msg)
         if self._on_failure is not None:
             self._on_failure(failure)
 
