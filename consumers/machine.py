@@ -557,6 +557,12 @@ class EpisodeMachine:
         end = ep.meta["ended"]
         if end is not None:
             if end.get("offset") == msg.offset and end.get("topic") == self.config.topics[Kind.EPISODE]:
+                if ep.end_handle is not None or ep.closing:
+                    # a second copy in this generation: the first still holds the offset (or the episode is
+                    # in Delta already), so this one is acknowledged at once
+                    self.counts["episode_events_reread"] += 1
+                    self.outbox.acks.append(msg.handle)
+                    return
                 ep.end_handle, ep.end_raw, ep.end_key = msg.handle, msg.value, msg.key  # the same end, read again
             elif (end["outcome"], end["num_steps"]) == (ev["outcome"], ev["num_steps"]):
                 self.counts["episode_events_duplicate"] += 1
@@ -595,6 +601,19 @@ class EpisodeMachine:
         if admitted is None:
             return
         ev, found = admitted
+        p, offset = msg.partition, msg.offset
+        stored = self.watermark[Kind.INTERVENTION].get(p)
+        if stored is not None and offset <= stored:
+            # interventions are written in offset order: one at or below the watermark is in Delta already
+            self.counts["interventions_replayed"] += 1
+            self.outbox.acks.append(msg.handle)
+            return
+        if any(r["kafka_partition"] == p and r["kafka_offset"] == offset for r, _ in self.pending_interventions):
+            # the same message delivered twice (fetched before a rebalance and read again after it): the first
+            # copy is queued and still holds its offset, so this one is acknowledged at once
+            self.counts["interventions_reread"] += 1
+            self.outbox.acks.append(msg.handle)
+            return
         m = found if isinstance(found, dict) else found.meta
         entry = [ev["kind"], ev["step_index"]]
         earlier = next((e for e in m["interventions"] if e[:2] == entry), None)
@@ -794,6 +813,10 @@ class EpisodeMachine:
         episodes to be finished (marked closed, chunks deleted) at their partition's next event."""
         poisoned = poisoned or {}
         self.outbox.acks.extend(batch.intervention_handles)
+        stored = self.watermark[Kind.INTERVENTION]
+        for p, w in batch.watermarks()[2].items():
+            if p in self.ready and (stored.get(p) is None or w > stored[p]):
+                stored[p] = w
         for c in batch.closings:
             ep = self.open.get(c.eid)
             if ep is None or ep.partition not in self.ready:

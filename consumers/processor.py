@@ -27,7 +27,7 @@ import json
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,9 +268,13 @@ class _WritersState:
 
 
 def build_app(config: ProcessorConfig) -> tuple[faust.App, Shell]:
-    # offsets delivered to the agents and not acknowledged yet, per partition: commits never pass them
-    held: dict[Any, set[int]] = defaultdict(set)
+    # offsets delivered to the agents and not acknowledged yet, per partition: commits never pass them. A count
+    # per offset: after a rebalance the same offset can be delivered twice in one generation (a message fetched
+    # before it, and the same one read again from the committed offset), and acknowledging one copy (counted as
+    # re-read) must not release the other, still held.
+    held: dict[Any, Counter[int]] = defaultdict(Counter)
     commit_guard.install(lambda tp: held.get(tp, ()))
+    commit_guard.install_rewind(config.topics[k] for k in ("Step", "EpisodeEvent", "InterventionEvent"))
     config.datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         config.group_id, broker=f"kafka://{config.bootstrap}", store="memory://", datadir=str(config.datadir),
@@ -303,7 +307,10 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Shell]:
         if handle is not None and handle[1] == generation[0]:
             event = handle[0]
             event.ack()
-            held[event.message.tp].discard(event.message.offset)
+            copies = held[event.message.tp]
+            copies[event.message.offset] -= 1
+            if copies[event.message.offset] <= 0:
+                del copies[event.message.offset]
 
     def send_letter(letter: DeadLetter) -> None:
         """Send one dead letter; its input is acknowledged when the broker confirms it (re-sent until then)."""
@@ -339,7 +346,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Shell]:
         async def consume(stream: faust.StreamT) -> None:
             async for event in stream.noack().events():
                 msg = event.message
-                held[msg.tp].add(msg.offset)
+                held[msg.tp][msg.offset] += 1
                 inbound = Inbound(kind=kind, partition=msg.partition, offset=msg.offset, value=msg.value,
                                   key=msg.key, timestamp_ms=int(msg.timestamp * 1000) if msg.timestamp else None,
                                   handle=(event, generation[0]))

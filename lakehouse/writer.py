@@ -150,6 +150,17 @@ def _uncommitted_mask(table: pa.Table, states: Mapping[int, CommittedState]) -> 
     return keep
 
 
+def _first_of_each_origin(table: pa.Table) -> pa.ChunkedArray | pa.Array:
+    """True for rows to keep: no Kafka origin, or the first row of the batch with its (partition, offset)."""
+    origin = _origin_columns(table)
+    if origin is None or table.num_rows < 2:
+        return pa.array([True] * table.num_rows, pa.bool_())
+    index = pa.array(range(table.num_rows), pa.int64())
+    pairs = pa.table({"p": origin[0], "o": origin[1], "i": index})
+    firsts = pairs.group_by(["p", "o"]).aggregate([("i", "min")]).column("i_min")
+    return pc.or_(_without_origin(table), pc.is_in(index, firsts))
+
+
 def _count_partition_values(table: pa.Table, partition_by: Sequence[str]) -> int:
     if table.num_rows == 0:
         return 0
@@ -279,7 +290,8 @@ class ExactlyOnceWriter:
         """Append ``batch`` and advance the watermarks in ``offsets`` (partition -> watermark) in one commit.
 
         Rows the table already holds are dropped first (their offset is at or below the partition's watermark,
-        or among the offsets above it already written), so writing the same batch twice adds nothing; the
+        or among the offsets above it already written), and so are repeats of a (partition, offset) within the
+        batch, so writing the same rows twice, in one batch or in two, adds nothing; the
         first write touching a partition loads that partition's state (see :meth:`committed_state`).
         Watermarks never move back. Every commit that writes rows of a partition carries that partition's app
         id, so two writers committing the same partition at once conflict, and the loser re-reads the table
@@ -345,7 +357,7 @@ class ExactlyOnceWriter:
         """Rows still to write, the transactions of the commit, and the watermarks it advances."""
         extra_txns = [Transaction(app_id=aid, version=v) for aid, v in extra.items()
                       if (current := self.table.transaction_version(aid)) is None or v > current]
-        keep = _uncommitted_mask(data, states)
+        keep = pc.and_(_uncommitted_mask(data, states), _first_of_each_origin(data))
         if extra and not extra_txns:
             keep = pc.and_(keep, pc.invert(_without_origin(data)))  # this batch's own ids are committed
         rows = data.filter(keep)

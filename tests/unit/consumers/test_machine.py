@@ -198,7 +198,7 @@ def scenarios(draw: st.DrawFn) -> dict:
                          "interventions": draw(st.lists(st.integers(0, n - 1), max_size=2, unique=True))})
     return {"episodes": episodes, "seed": draw(st.integers(0, 2**32 - 1)),
             "actions": draw(st.lists(st.sampled_from(["deliver"] * 8 + ["tick", "flush", "done", "letters",
-                                                                          "commit", "crash", "rebalance"]),
+                                                                          "commit", "crash", "rebalance", "again"]),
                                      min_size=10, max_size=120))}
 
 
@@ -221,6 +221,9 @@ def test_every_event_ends_stored_dead_lettered_or_counted_exactly_once(sc: dict)
     for action in sc["actions"]:
         if action == "deliver" and world.deliverable():
             world.deliver(rng.choice(world.deliverable()))
+        elif action == "again" and world.redeliverable():
+            tp = rng.choice(world.redeliverable())
+            world.deliver(tp, again=rng.randrange(world.committed[tp], world.position[tp]))
         elif action == "tick":
             world.tick(rng.choice([0.5, 3.0, 30.0]))
         elif action == "flush":

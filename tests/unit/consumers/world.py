@@ -15,7 +15,7 @@ It plays the parts the faust shell and the servers play, with the semantics the 
 from __future__ import annotations
 
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +117,8 @@ class World:
     committed: dict[tuple[Kind, int], int] = field(default_factory=lambda: defaultdict(int))
     position: dict[tuple[Kind, int], int] = field(default_factory=lambda: defaultdict(int))
     acked: dict[tuple[Kind, int], set[int]] = field(default_factory=lambda: defaultdict(set))
+    # copies delivered in this generation and not acknowledged (the shell's count per offset)
+    held: dict[tuple[Kind, int], Counter] = field(default_factory=lambda: defaultdict(Counter))
     control_offset: int = 0
     generation: int = 0
     letters_in_flight: list[tuple[DeadLetter, int]] = field(default_factory=list)
@@ -151,9 +153,18 @@ class World:
     def deliverable(self) -> list[tuple[Kind, int]]:
         return [tp for tp, log in self.topics.items() if self.position[tp] < len(log)]
 
-    def deliver(self, tp: tuple[Kind, int]) -> None:
-        msg = self.topics[tp][self.position[tp]]
-        self.position[tp] += 1
+    def redeliverable(self) -> list[tuple[Kind, int]]:
+        return [tp for tp in self.topics if self.position[tp] > self.committed[tp]]
+
+    def deliver(self, tp: tuple[Kind, int], *, again: int | None = None) -> None:
+        """The next message of ``tp``; or, with ``again``, a second copy of one delivered since the last commit
+        (after a rebalance faust can hand over a message fetched before it as well as the same one read again)."""
+        if again is None:
+            msg = self.topics[tp][self.position[tp]]
+            self.position[tp] += 1
+        else:
+            msg = self.topics[tp][again]
+        self.held[tp][msg.offset] += 1
         inbound = Inbound(kind=msg.kind, partition=msg.partition, offset=msg.offset, value=msg.value, key=msg.key,
                           handle=(tp, msg.offset, self.generation))
         {Kind.STEP: self.machine.on_step, Kind.EPISODE: self.machine.on_episode_event,
@@ -166,6 +177,7 @@ class World:
         tp, offset, gen = handle
         if gen == self.generation:
             self.acked[tp].add(offset)
+            self.held[tp][offset] -= 1
 
     def _carry_out(self) -> None:
         out = self.machine.drain()
@@ -197,7 +209,7 @@ class World:
         self.durable = len(self.store_log)
         for tp in list(self.topics):
             c = self.committed[tp]
-            while c in self.acked[tp]:
+            while c in self.acked[tp] and self.held[tp][c] <= 0:
                 c += 1
             self.committed[tp] = c
 
@@ -256,6 +268,7 @@ class World:
 
     def _restart_consumers(self) -> None:
         self.generation += 1
+        self.held.clear()
         for tp in list(self.topics):
             self.position[tp] = self.committed[tp]
             self.acked[tp] = {o for o in self.acked[tp] if o < self.committed[tp]}
