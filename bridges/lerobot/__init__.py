@@ -10,8 +10,10 @@ MP4 through PyAV: :mod:`bridges.lerobot.video`.
 """
 
 from bridges.lerobot.export import ExportError, ExportOptions, ExportReport, export_lerobot, plan_export
+from bridges.lerobot.importer import IMPORT_APP_PREFIX, ImportReport, import_lerobot
 from bridges.lerobot.layout import LayoutError
 from bridges.lerobot.video import CODECS, VideoCodec, VideoError
 
-__all__ = ["CODECS", "ExportError", "ExportOptions", "ExportReport", "LayoutError", "VideoCodec", "VideoError",
+__all__ = ["CODECS", "IMPORT_APP_PREFIX", "ExportError", "ExportOptions", "ExportReport", "ImportReport", "LayoutError",
+           "VideoCodec", "VideoError", "import_lerobot",
            "export_lerobot", "plan_export"]
