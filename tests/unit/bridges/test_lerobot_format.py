@@ -86,3 +86,13 @@ def test_task_maps_come_as_pairs_or_json(tmp_path: Path) -> None:
     assert got == {"open the drawer": "drawer-open-v3", "close the box": "box-close-v3", "a=b": "d"}
     with pytest.raises(click.BadParameter):
         parse_task_map(("no separator",))
+
+
+def test_image_statistics_from_histograms_equal_those_of_the_pixels() -> None:
+    frames = np.random.default_rng(1).integers(0, 256, (7, 10, 12, 3)).astype(np.uint8)
+    frames[..., 1] //= 3
+    fast = image_stats(frames)
+    plain = vector_stats(frames.reshape(-1, 3).astype(np.float64) / 255.0)
+    for key, value in plain.items():
+        if key != "count":
+            assert np.allclose(fast[key][:, 0, 0], value), key
