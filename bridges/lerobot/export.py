@@ -64,6 +64,7 @@ class ExportOptions:
     video_files_size_in_mb: float = L.DEFAULT_VIDEO_FILE_SIZE_IN_MB
     robot_type: str | None = None
     batch_rows: int = 1024  # rows per record batch read from Delta
+    episodes_per_meta_write: int = 100  # meta/episodes rows buffered before they are appended to the file
 
     def __post_init__(self) -> None:
         if not 1 <= self.fps <= 1000:
@@ -397,7 +398,7 @@ class _DatasetWriter:
 
     def _add_meta(self, row: dict[str, Any]) -> None:
         self._meta_rows.append(row)
-        if len(self._meta_rows) >= 100:
+        if len(self._meta_rows) >= self.options.episodes_per_meta_write:
             self._flush_meta()
 
     def _flush_meta(self) -> None:
@@ -419,7 +420,7 @@ class _DatasetWriter:
             self._meta_sink = pa.OSFile(str(path), "wb")
             self._meta_writer = pq.ParquetWriter(self._meta_sink, table.schema, compression="snappy")
         else:
-            table = pa.Table.from_pylist(self._meta_rows, schema=self._meta_writer.schema_arrow)
+            table = pa.Table.from_pylist(self._meta_rows, schema=self._meta_writer.schema)
         self._meta_writer.write_table(table)
         roll.frames_in_file += n
         self._meta_rows = []

@@ -80,7 +80,8 @@ def test_lerobot_itself_loads_the_export(tmp_path: Path) -> None:
     out = tmp_path / "dataset"
     # Tiny file limits, so the dataset spans several data files, video files and chunk folders.
     report = export_lerobot(lake, out, table="steps",
-                            options=ExportOptions(data_files_size_in_mb=0.02, video_files_size_in_mb=0.012, chunks_size=2))
+                            options=ExportOptions(data_files_size_in_mb=0.02, video_files_size_in_mb=0.012, chunks_size=2,
+                                                  episodes_per_meta_write=2))
     assert report.frames == len(source) and report.episodes == 6
     assert report.data_files >= 3 and report.video_files >= 3
     assert (out / "data" / "chunk-001").is_dir() and (out / "videos" / "observation.images.corner" / "chunk-001").is_dir()
