@@ -126,7 +126,7 @@ def test_export_then_import_gives_the_same_steps_once(tmp_path: Path) -> None:
     target = Lakehouse(tmp_path / "target")
     before = []
     for table in ("demonstrations", "steps"):
-        export_lerobot(lake, tmp_path / table, table=table)
+        export_lerobot(lake, tmp_path / table, table=table, options=ExportOptions(episodes_per_meta_write=2))
         report = import_lerobot(target, tmp_path / table)
         assert (report.episodes_written, report.episodes_skipped) == (6, 0)
         before += _rows(lake, table)
