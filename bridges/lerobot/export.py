@@ -15,6 +15,7 @@ The column mapping is in :mod:`bridges.lerobot.layout`.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -425,6 +426,13 @@ class _DatasetWriter:
         roll.frames_in_file += n
         self._meta_rows = []
 
+    def abort(self) -> None:
+        """Close whatever is open after a failure (the folder is then removed)."""
+        for close in [w.close for w in self._videos.values()] + [self._close_data]:
+            with contextlib.suppress(Exception):  # already failing: the first error is the one to report
+                close()
+        self._videos.clear()
+
     def finish(self) -> tuple[int, int]:
         """Close every file and write info.json, stats.json and tasks.parquet; returns (data files, video files)."""
         self._close_data()
@@ -485,6 +493,7 @@ def export_lerobot(lake: Lakehouse, out: Path, *, table: str = "steps", where: s
         raise ExportError(f"{table} lacks column(s) {missing}")
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    writer: _DatasetWriter | None = None
     try:
         writer = _DatasetWriter(work, options)
         for episode in _episodes(dataset, plan, where, options.batch_rows):
@@ -496,6 +505,8 @@ def export_lerobot(lake: Lakehouse, out: Path, *, table: str = "steps", where: s
             shutil.rmtree(out)
         work.rename(out)
     except BaseException:
+        if writer is not None:
+            writer.abort()
         shutil.rmtree(work, ignore_errors=True)
         raise
     return ExportReport(root=out, table=table, table_version=plan.version, episodes=writer.episodes,

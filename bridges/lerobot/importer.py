@@ -4,9 +4,10 @@
 
 Episodes are read in ``episode_index`` order, streaming: the data Parquet files batch by batch, each camera's
 MP4 decoded forward once (frame of row ``k`` = the frame shown at ``from_timestamp + timestamp``), each frame
-stored as JPEG (or PNG) bytes as a robot would send it. Every episode is one Delta commit carrying the
-application transaction ``sop-lerobot-import.<episode id>``; an episode whose transaction is recorded, or whose
-id the table already holds, is skipped, so importing twice (or an export of the same table) adds nothing.
+stored as JPEG (or PNG) bytes as a robot would send it. Every episode is committed to Delta with the
+application transaction ``sop-lerobot-import.<episode id>`` (several whole episodes share a commit, up to
+``rows_per_commit`` rows); an episode whose id the table already holds is skipped, so importing twice (or an
+export of the same table) adds nothing.
 
 Episode ids: ``sop/episode_id`` of ``meta/episodes`` when the dataset came from ``sop export lerobot``, else
 ``lerobot:<dataset id>:<episode_index>`` (dataset id: the folder name unless given). Columns come from the
@@ -197,8 +198,13 @@ class _Importer:
         return str(ep.get("sop/episode_id") or f"lerobot:{self.dataset_id}:{ep['episode_index']}")
 
     def is_written(self, episode_id: str) -> bool:
-        aid = import_app_id(episode_id, prefix=self.prefix)
-        return episode_id in self.present or self.writer.table.transaction_version(aid) is not None
+        """Whether the table holds the episode (read once at the start, then kept up to date by this import).
+
+        An episode's rows and its application transaction are one commit, so a recorded transaction always
+        comes with rows. Against an importer of the same dataset running at the same time, the writer re-checks
+        the transactions when it commits and drops a commit whose episodes are all recorded already (both form
+        the same commits from the same folder and table); commits that overlap only in part are not guarded."""
+        return episode_id in self.present
 
     def rows(self, ep: Mapping[str, Any], frames: pa.Table, videos: _Videos) -> list[dict[str, Any]]:
         data = frames.to_pydict()
@@ -268,9 +274,12 @@ class _Importer:
 def import_lerobot(lake: Lakehouse, root: Path, *, task_map: Mapping[str, str] | None = None,
                    dataset_id: str | None = None, recap: RecapConfig | None = None, image_encoding: str = "jpeg",
                    jpeg_quality: int = DEFAULT_JPEG_QUALITY, app_id_prefix: str = IMPORT_APP_PREFIX,
-                   on_plan: Callable[[int, int], None] | None = None,
+                   rows_per_commit: int = 2048, on_plan: Callable[[int, int], None] | None = None,
                    on_episode: Callable[[int, bool], None] | None = None) -> ImportReport:
     """Append the episodes of the LeRobotDataset at ``root`` to ``demonstrations``, each exactly once.
+
+    Episodes are committed together until a commit holds ``rows_per_commit`` rows (whole episodes); each
+    carries its own application transaction in that commit.
 
     ``on_plan(episodes, frames)`` is called with the dataset's totals, ``on_episode(frames, written)`` after
     each episode (a progress bar).
@@ -287,25 +296,40 @@ def import_lerobot(lake: Lakehouse, root: Path, *, task_map: Mapping[str, str] |
         on_plan(len(episodes), int(imp.info.get("total_frames", sum(e["length"] for e in episodes))))
     report = ImportReport(root=root)
     videos = _Videos(root, imp.info, imp.video_keys)
-    try:
-        for ep, frames in _frames_by_episode(root, imp.info, episodes, imp.columns()):
-            episode_id = imp.episode_id(ep)
-            written = False
-            if not imp.is_written(episode_id):
-                rows = imp.rows(ep, frames, videos)
-                report.frames_read += len(rows)
-                result = imp.writer.write(rows, app_transactions={import_app_id(episode_id, prefix=app_id_prefix): 1},
-                                          metadata={"sop.import.lerobot": str(root), "sop.import.episode": episode_id})
-                written = result.rows_written > 0
-                if written:
-                    report.rows_written += result.rows_written
-                    if result.version is not None:
-                        report.versions.append(result.version)
-                    imp.present.add(episode_id)
+    pending: list[tuple[str, list[dict[str, Any]]]] = []
+
+    def commit() -> None:
+        rows = [r for _, episode_rows in pending for r in episode_rows]
+        result = imp.writer.write(rows, app_transactions={import_app_id(e, prefix=app_id_prefix): 1 for e, _ in pending},
+                                  metadata={"sop.import.lerobot": str(root),
+                                            "sop.import.episodes": f"{pending[0][0]} … {pending[-1][0]}"})
+        written = result.rows_written > 0  # 0: another importer committed these episodes meanwhile
+        if written:
+            report.rows_written += result.rows_written
+            if result.version is not None:
+                report.versions.append(result.version)
+        for episode_id, episode_rows in pending:
+            imp.present.add(episode_id)
             report.episodes_written += written
             report.episodes_skipped += not written
             if on_episode is not None:
-                on_episode(frames.num_rows, written)
+                on_episode(len(episode_rows), written)
+        pending.clear()
+
+    try:
+        for ep, frames in _frames_by_episode(root, imp.info, episodes, imp.columns()):
+            episode_id = imp.episode_id(ep)
+            if imp.is_written(episode_id):
+                report.episodes_skipped += 1
+                if on_episode is not None:
+                    on_episode(frames.num_rows, False)
+                continue
+            pending.append((episode_id, imp.rows(ep, frames, videos)))
+            report.frames_read += frames.num_rows
+            if sum(len(r) for _, r in pending) >= rows_per_commit:
+                commit()
+        if pending:
+            commit()
     finally:
         videos.close()
     report.seconds = time.perf_counter() - started
