@@ -143,7 +143,8 @@ def _episodes(dataset: ds.Dataset, plan: Plan, where: str | None, batch_rows: in
     con = duckdb.connect(config={"threads": 1})
     ids = pa.array(sorted(plan.counts), pa.string())
     try:
-        for batch in dataset.to_batches(filter=pc.field("episode_id").isin(ids), batch_size=batch_rows):
+        for batch in dataset.to_batches(filter=pc.field("episode_id").isin(ids), batch_size=batch_rows,
+                                          batch_readahead=2, fragment_readahead=1):
             rows = pa.Table.from_batches([batch])
             if where:
                 rows = rows.filter(_keep_mask(con, rows, where))
