@@ -35,6 +35,23 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$hash_now" ]]; then
   echo "$hash_now" > "$stamp"
 fi
 
+# LeRobot's own loader for the test that reads our LeRobot export with it (infra/lerobot-check.txt says why a venv
+# of its own): inside ours, seeing our packages through a .pth line, adding only lerobot's dataset-code imports.
+LEROBOT_VENV="$VENV/lerobot"
+lr_stamp="$LEROBOT_VENV/.sop-installed"
+lr_hash=$(cat infra/lerobot-check.txt | sha256sum | cut -d' ' -f1)
+if [[ ! -f "$lr_stamp" || "$(cat "$lr_stamp")" != "$lr_hash" ]]; then
+  echo "setup: installing LeRobot's dataset loader into $LEROBOT_VENV (for the LeRobot export test)"
+  rm -rf "$LEROBOT_VENV"
+  "$VENV/bin/python" -m venv "$LEROBOT_VENV"
+  ours=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  theirs=$("$LEROBOT_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  echo "$ours" > "$theirs/_sop_venv.pth"
+  "$LEROBOT_VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -r infra/lerobot-check.txt
+  HF_HUB_OFFLINE=1 "$LEROBOT_VENV/bin/python" -c 'from lerobot.datasets.lerobot_dataset import LeRobotDataset'
+  echo "$lr_hash" > "$lr_stamp"
+fi
+
 "$VENV/bin/python" - <<'PY'
 from pathlib import Path
 from infra.kafka import DEFAULT_KAFKA_VERSION, resolve_jars, KafkaBrokerConfig

@@ -20,6 +20,8 @@ VERBS = {
     "loadgen": "loadgen", "actor": "actor", "fleet": "fleet", "demos": "demos",
     # stream processing and lakehouse
     "process": "process", "sql": "sql", "lake": "lake", "replay": "replay",
+    # other tools' dataset formats
+    "export": "export", "import": "import_data",
     # learner and registry
     "learn": "learn", "pretrain": "pretrain", "train-value": "train_value", "promote": "promote",
     "rollback": "rollback",

@@ -35,7 +35,10 @@ MAY: Mapping[str, frozenset[str]] = {
     "sim": frozenset({"producers", "schemas", "lakehouse", "rewards", "infra"}),
     "consumers": frozenset({"schemas", "lakehouse", "rewards", "infra"}),
     "learner": frozenset({"lakehouse", "rewards", "schemas", "infra"}),
-    "sop": frozenset({"schemas", "lakehouse", "infra", "rewards", "producers", "sim", "consumers", "learner"}),
+    # other tools' dataset formats (LeRobot): tables in and out, image bytes, RECAP columns of imported episodes
+    "bridges": frozenset({"lakehouse", "schemas", "rewards"}),
+    "sop": frozenset({"schemas", "lakehouse", "infra", "rewards", "producers", "sim", "consumers", "learner",
+                      "bridges"}),
 }
 
 # The arrows that must never appear, with the reason a reviewer reads (``*``: any other package).
@@ -59,10 +62,15 @@ NEVER: Mapping[tuple[str, str], str] = {
     ("consumers", "sop"): "stages do not import the CLI",
     ("learner", "sop"): "stages do not import the CLI",
     ("sim", "sop"): "stages do not import the CLI",
+    ("bridges", "sop"): "bridges do not import the CLI",
+    ("bridges", "learner"): "a dataset format knows no training code",
+    ("learner", "bridges"): "the learner reads the tables; imported data arrives there",
+    ("sim", "bridges"): "the simulated world writes the tables, not other formats",
+    ("consumers", "bridges"): "the processor writes the tables, not other formats",
 }
 
 # Where each package sits in the diagram, upstream first.
-ORDER = ("sop", "sim", "producers", "consumers", "learner", "rewards", "lakehouse", "schemas", "infra")
+ORDER = ("sop", "bridges", "sim", "producers", "consumers", "learner", "rewards", "lakehouse", "schemas", "infra")
 
 
 @dataclass(frozen=True)
