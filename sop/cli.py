@@ -25,6 +25,8 @@ VERBS = {
     "rollback": "rollback",
     # the whole loop
     "run": "run", "eval": "eval",
+    # the data in other tools
+    "view": "view", "export": "export",
 }
 
 

@@ -35,7 +35,10 @@ MAY: Mapping[str, frozenset[str]] = {
     "sim": frozenset({"producers", "schemas", "lakehouse", "rewards", "infra"}),
     "consumers": frozenset({"schemas", "lakehouse", "rewards", "infra"}),
     "learner": frozenset({"lakehouse", "rewards", "schemas", "infra"}),
-    "sop": frozenset({"schemas", "lakehouse", "infra", "rewards", "producers", "sim", "consumers", "learner"}),
+    # stored episodes for other tools (Rerun, MCAP): reads the tables, nothing else
+    "views": frozenset({"lakehouse"}),
+    "sop": frozenset({"schemas", "lakehouse", "infra", "rewards", "producers", "sim", "consumers", "learner",
+                      "views"}),
 }
 
 # The arrows that must never appear, with the reason a reviewer reads (``*``: any other package).
@@ -59,10 +62,11 @@ NEVER: Mapping[tuple[str, str], str] = {
     ("consumers", "sop"): "stages do not import the CLI",
     ("learner", "sop"): "stages do not import the CLI",
     ("sim", "sop"): "stages do not import the CLI",
+    ("views", "sop"): "stages do not import the CLI",
 }
 
 # Where each package sits in the diagram, upstream first.
-ORDER = ("sop", "sim", "producers", "consumers", "learner", "rewards", "lakehouse", "schemas", "infra")
+ORDER = ("sop", "sim", "producers", "consumers", "learner", "views", "rewards", "lakehouse", "schemas", "infra")
 
 
 @dataclass(frozen=True)
