@@ -56,7 +56,9 @@ def _series(rec: rr.RecordingStream, path: str, frames: np.ndarray, time_us: np.
 
 def blueprint(episode: Episode) -> rrb.Blueprint:
     """Cameras and the event log on the left, executed vs proposed action per dimension in the middle,
-    control, rewards and state on the right."""
+    control, rewards and state on the right; the ``frame`` timeline plays at the episode's own step rate."""
+    span_s = (episode.time_us[-1] - episode.time_us[0]) / 1e6
+    control_hz = round((episode.num_steps - 1) / span_s, 1) if episode.num_steps > 1 and span_s > 0 else 30.0
     action_dim = episode.vectors("action").shape[1]
     left = [rrb.Spatial2DView(origin=f"cameras/{c}", name=c) for c in episode.cameras]
     left.append(rrb.TextLogView(origin="events", name="events"))
@@ -68,7 +70,8 @@ def blueprint(episode: Episode) -> rrb.Blueprint:
              rrb.TimeSeriesView(origin="state", name="state")]
     return rrb.Blueprint(
         rrb.Horizontal(rrb.Vertical(*left), rrb.Grid(*actions), rrb.Vertical(*right), column_shares=[2, 3, 2]),
-        collapse_panels=True,
+        rrb.BlueprintPanel(state="collapsed"), rrb.SelectionPanel(state="collapsed"),
+        rrb.TimePanel(state="collapsed", timeline="frame", fps=control_hz),
     )
 
 
