@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -80,23 +81,25 @@ class KafkaBrokerConfig:
             raise StackError(f"Kafka heap of {self.heap_mb} MB is too small: set at least 128")
 
 
-def resolve_jars(version: str, cache: Path) -> Path:
-    """Resolve the broker's jars with Maven into ``cache/kafka-<version>/libs`` (once) and return that folder."""
-    libs = cache / f"kafka-{version}" / "libs"
+def resolve_jars(version: str, cache: Path, *, pom: Path = POM, folder: str = "libs") -> Path:
+    """Resolve the jars of ``pom`` (the broker's by default) with Maven into ``cache/kafka-<version>/<folder>``
+    (once: again only when the pom changed) and return that folder."""
+    libs = cache / f"kafka-{version}" / folder
     done = libs / ".complete"
-    if done.exists():
+    stamp = hashlib.sha256(pom.read_bytes()).hexdigest()
+    if done.exists() and done.read_text().strip() in (stamp, ""):  # "": stamped before the pom hash was kept
         return libs
     if shutil.which("mvn") is None:
         raise StackError("Maven (mvn) is not installed: run `make setup` or `apt-get install maven`")
     if shutil.which("java") is None:
         raise StackError("Java is not installed: run `make setup` or `apt-get install openjdk-17-jre-headless`")
     libs.mkdir(parents=True, exist_ok=True)
-    cmd = ["mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
+    cmd = ["mvn", "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
            f"-Dkafka.version={version}", f"-DoutputDirectory={libs}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise StackError(f"Maven could not resolve Kafka {version}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    done.touch()
+        raise StackError(f"Maven could not resolve {pom.name} for Kafka {version}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    done.write_text(stamp)
     return libs
 
 

@@ -2,7 +2,8 @@
 # Everything a fresh machine needs, idempotent and quick when already done:
 #   Debian packages (Java, Maven, EGL/OSMesa for headless MuJoCo rendering),
 #   the virtual environment with every Python dependency resolved in ONE pip run (see requirements.lock),
-#   and the Kafka broker jars resolved by Maven into ~/.cache/sop (never into the repository).
+#   and the Kafka broker jars and Kafka's command-line tools (kafka-tools, for `sop kafka`) resolved by Maven
+#   into ~/.cache/sop (never into the repository).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -55,7 +56,9 @@ fi
 "$VENV/bin/python" - <<'PY'
 from pathlib import Path
 from infra.kafka import DEFAULT_KAFKA_VERSION, resolve_jars, KafkaBrokerConfig
+from infra.kafka_tools import resolve_tool_jars
 cache = KafkaBrokerConfig(data_dir=Path(".")).jar_cache
 libs = resolve_jars(DEFAULT_KAFKA_VERSION, cache)
-print(f"setup: Kafka {DEFAULT_KAFKA_VERSION} jars in {libs}")
+tools = resolve_tool_jars(DEFAULT_KAFKA_VERSION, cache)
+print(f"setup: Kafka {DEFAULT_KAFKA_VERSION} jars in {libs}, its command-line tools in {tools}")
 PY

@@ -177,7 +177,9 @@ def run_robot_process(config: RunnerConfig, *, make_robots: Callable[[], Sequenc
             source.close()
         if thread is None or not thread.is_alive():  # a second signal leaves a robot mid-step: let exit reap it
             for robot in robots:
-                robot.close()
+                close = getattr(robot, "close", None)  # optional for robots from outside SOP
+                if callable(close):
+                    close()
 
 
 def wait_for_policy(source: RegistryPolicySource, stop: threading.Event, timeout_s: float) -> None:

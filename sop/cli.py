@@ -15,7 +15,7 @@ from sop.settings import SettingsError
 # verb -> module in sop.commands (each defines a click command called `command`)
 VERBS = {
     # stack
-    "up": "up", "down": "down", "status": "status",
+    "up": "up", "down": "down", "status": "status", "kafka": "kafka",
     # robots
     "loadgen": "loadgen", "actor": "actor", "fleet": "fleet", "demos": "demos",
     # stream processing and lakehouse
@@ -27,6 +27,8 @@ VERBS = {
     "rollback": "rollback",
     # the whole loop
     "run": "run", "eval": "eval",
+    # the data in other tools
+    "view": "view",
 }
 
 

@@ -37,8 +37,10 @@ MAY: Mapping[str, frozenset[str]] = {
     "learner": frozenset({"lakehouse", "rewards", "schemas", "infra"}),
     # other tools' dataset formats (LeRobot): tables in and out, image bytes, RECAP columns of imported episodes
     "bridges": frozenset({"lakehouse", "schemas", "rewards"}),
+    # stored episodes for other tools (Rerun, MCAP): reads the tables, nothing else
+    "views": frozenset({"lakehouse"}),
     "sop": frozenset({"schemas", "lakehouse", "infra", "rewards", "producers", "sim", "consumers", "learner",
-                      "bridges"}),
+                      "bridges", "views"}),
 }
 
 # The arrows that must never appear, with the reason a reviewer reads (``*``: any other package).
@@ -67,10 +69,11 @@ NEVER: Mapping[tuple[str, str], str] = {
     ("learner", "bridges"): "the learner reads the tables; imported data arrives there",
     ("sim", "bridges"): "the simulated world writes the tables, not other formats",
     ("consumers", "bridges"): "the processor writes the tables, not other formats",
+    ("views", "sop"): "stages do not import the CLI",
 }
 
 # Where each package sits in the diagram, upstream first.
-ORDER = ("sop", "bridges", "sim", "producers", "consumers", "learner", "rewards", "lakehouse", "schemas", "infra")
+ORDER = ("sop", "bridges", "sim", "producers", "consumers", "learner", "views", "rewards", "lakehouse", "schemas", "infra")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,12 @@ registry alias points at (followed live), the simulated operator, every record p
     sop actor                                  # DEFAULT_SUITE at 30 Hz, until Ctrl-C
     sop actor --tasks drawer-open-v3 --hz 0 --episodes 20 --no-operator
     sop actor --register-expert-if-missing     # registers the noisy expert when the alias is unset
+    sop actor --robot my_lab.arms:UR5Adapter --robot-config '{"host": "10.0.0.5", "task": "fold-towel"}' \
+              --operator my_lab.teleop:SpaceMouse --operator-config @spacemouse.json
+
+A robot or teleoperation device from outside SOP (``--robot`` / ``--operator``: ``package.module:Factory`` or an
+entry point of the groups ``sop.robots`` / ``sop.operators``) is built as ``Factory(**settings)`` with the JSON
+settings given; see ``docs/robots.md`` and :mod:`producers.plugins`.
 
 SIGINT/SIGTERM end the episode in progress as ABORTED, flush the publisher and report undelivered
 messages; the exit status is 1 when a message could not be delivered or the actor failed.
@@ -23,8 +29,8 @@ import socket
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,12 +67,21 @@ class ActorRun:
     register_expert_if_missing: bool = False
     show_status: bool = True
     status_file: Path | None = None
+    # a robot / teleoperation device from outside SOP: package.module:Factory or an entry-point name
+    robot: str | None = None
+    robot_settings: Mapping[str, Any] = field(default_factory=dict)
+    operator_device: str | None = None  # replaces the simulated operator
+    operator_settings: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.actor_id:
             raise ValueError("--actor-id must not be empty")
-        if not self.tasks:
+        if not self.tasks and self.robot is None:
             raise ValueError("--tasks lists no task")
+        if self.robot_settings and self.robot is None:
+            raise ValueError("--robot-config needs --robot")
+        if self.operator_settings and self.operator_device is None:
+            raise ValueError("--operator-config needs --operator package.module:Factory")
         if self.control_hz is not None and not self.control_hz > 0:
             raise ValueError(f"--hz must be > 0, or 0 to run free, got {self.control_hz}")
         if self.episodes is not None and self.episodes < 1:
@@ -123,9 +138,9 @@ def run_actor(run: ActorRun, *, settings: Settings, actor_settings: ActorSetting
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from producers.actor import ActorConfig
     from producers.actor_runner import RunnerConfig, run_robot_process
+    from producers.plugins import PluginError, load_operator, load_robot
     from producers.registry_source import NoPolicyYetError, RegistrySourceConfig
     from producers.spool import SpoolError
-    from sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
     from sim.operator import GatedExpertOperator
     from sop.commands.loadgen import make_publisher
 
@@ -153,15 +168,25 @@ def run_actor(run: ActorRun, *, settings: Settings, actor_settings: ActorSetting
         except SpoolError as exc:
             raise click.ClickException(str(exc)) from None
 
-    operator = (GatedExpertOperator(actor_settings.operator_config(), operator_id=f"sim-expert@{run.actor_id}")
-                if run.operator else None)
+    def make_robots() -> list[Any]:
+        if run.robot is not None:
+            return [load_robot(run.robot, run.robot_settings)]
+        # MuJoCo loads only for simulated robots
+        from sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
+
+        return [MetaWorldRobot(MetaWorldRobotConfig(task=task, **robot_config)) for task in run.tasks]
+
     try:
+        if run.operator_device is not None:
+            operator = load_operator(run.operator_device, run.operator_settings)
+        elif run.operator:
+            operator = GatedExpertOperator(actor_settings.operator_config(), operator_id=f"sim-expert@{run.actor_id}")
+        else:
+            operator = None
         outcome = run_robot_process(
-            config, make_robots=lambda: [MetaWorldRobot(MetaWorldRobotConfig(task=task, **robot_config))
-                                         for task in run.tasks],
-            operator=operator, make_publisher=publisher, reporter=_Terminal(console, run.show_status),
-            stop_event=stop_event)
-    except NoPolicyYetError as exc:
+            config, make_robots=make_robots, operator=operator, make_publisher=publisher,
+            reporter=_Terminal(console, run.show_status), stop_event=stop_event)
+    except (NoPolicyYetError, PluginError) as exc:
         raise click.ClickException(str(exc)) from None
     for line in outcome.delivery_failures[:5]:
         console.print(f"[red]delivery failed: {line}")
@@ -249,8 +274,15 @@ def summary(status: ActorStatus) -> str:
 @click.command("actor")
 @click.option("--tasks", default=None, help="Comma-separated tasks, run in turn [default: SOP_ACTOR_TASKS].")
 @click.option("--actor-id", default=None, help="Name of this robot [default: actor-HOST-PID].")
-@click.option("--operator/--no-operator", default=True, show_default=True,
-              help="The simulated human who takes over (HG-DAgger); thresholds via SOP_OPERATOR_*.")
+@click.option("--operator", "operator_spec", default=None, is_flag=False, flag_value="sim", metavar="sim|SPEC",
+              help="Who may take over: 'sim' (the simulated human, SOP_OPERATOR_* thresholds; the default) or a "
+                   "teleoperation device, package.module:Factory or an entry point of group sop.operators.")
+@click.option("--operator-config", default=None, help="The device's settings: JSON text or @file.json.")
+@click.option("--no-operator", is_flag=True, help="No one takes over: the policy drives every step.")
+@click.option("--robot", default=None, metavar="SPEC",
+              help="A robot from outside SOP instead of the simulated ones: package.module:Factory or an entry "
+                   "point of group sop.robots (docs/robots.md).")
+@click.option("--robot-config", default=None, help="The robot's settings: JSON text or @file.json.")
 @click.option("--hz", type=float, default=None,
               help="Control rate in Hz; 0 = as fast as possible [default: SOP_ACTOR_CONTROL_HZ = 30].")
 @click.option("--episodes", type=int, default=None, help="Stop after this many episodes.")
@@ -268,7 +300,8 @@ def summary(status: ActorStatus) -> str:
 @click.option("--status-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Keep writing this actor's status as JSON here (what `sop fleet` reads).")
 @click.option("--loglevel", default="warning", type=click.Choice(["debug", "info", "warning", "error"]))
-def command(tasks: str | None, actor_id: str | None, operator: bool, hz: float | None, episodes: int | None,
+def command(tasks: str | None, actor_id: str | None, operator_spec: str | None, operator_config: str | None,
+            no_operator: bool, robot: str | None, robot_config: str | None, hz: float | None, episodes: int | None,
             duration_s: float | None, image_size: int | None, seed_start: int, seed_stride: int,
             register_expert_if_missing: bool, show_status: bool | None, status_file: Path | None,
             loglevel: str) -> None:
@@ -279,17 +312,27 @@ def command(tasks: str | None, actor_id: str | None, operator: bool, hz: float |
     settings = load_settings()
     actor_settings = load_actor_settings()
     console = Console(stderr=False)
+    from producers.plugins import PluginError, parse_settings
+
+    if no_operator and operator_spec not in (None, "none"):
+        raise click.UsageError("--no-operator and --operator contradict each other")
+    if robot is not None and tasks is not None:
+        raise click.UsageError("--tasks chooses simulated tasks; a --robot runs its own task (robot.task)")
+    device = None if operator_spec in (None, "sim", "none") else operator_spec
     try:
         hz = actor_settings.actor_control_hz if hz is None else hz
         run = ActorRun(
             actor_id=actor_id or f"actor-{socket.gethostname()}-{os.getpid()}",
-            tasks=parse_tasks(tasks) if tasks is not None else actor_settings.tasks,
-            operator=operator, control_hz=hz or None, episodes=episodes, duration_s=duration_s,
+            tasks=() if robot is not None else parse_tasks(tasks) if tasks is not None else actor_settings.tasks,
+            operator=not no_operator and operator_spec != "none", control_hz=hz or None, episodes=episodes,
+            duration_s=duration_s, robot=robot, robot_settings=parse_settings(robot_config, option="--robot-config"),
+            operator_device=device,
+            operator_settings=parse_settings(operator_config, option="--operator-config"),
             image_size=image_size or actor_settings.actor_image_size, seed_start=seed_start,
             seed_stride=seed_stride, register_expert_if_missing=register_expert_if_missing,
             show_status=console.is_terminal if show_status is None else show_status, status_file=status_file,
         )
-    except ValueError as exc:
+    except (ValueError, PluginError) as exc:
         raise click.BadParameter(str(exc)) from None
     if status_file is not None:
         status_file.parent.mkdir(parents=True, exist_ok=True)
