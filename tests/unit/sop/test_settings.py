@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from sop.settings import SettingsError, load_settings
@@ -15,11 +17,13 @@ def test_defaults_and_derived_names(monkeypatch, tmp_path) -> None:
 
 def test_environment_overrides(monkeypatch) -> None:
     monkeypatch.setenv("SOP_TOPIC_PREFIX", "fleet7.")
-    monkeypatch.setenv("SOP_KAFKA_CLIENT_CONFIG", '{"security.protocol": "SASL_SSL"}')
+    sasl = {"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "u",
+            "sasl.password": "p"}
+    monkeypatch.setenv("SOP_KAFKA_CLIENT_CONFIG", json.dumps(sasl))
     monkeypatch.setenv("SOP_TOPIC_PARTITIONS", "12")
     s = load_settings()
     assert s.topic("steps") == "fleet7.steps"
-    assert s.kafka_client_config == {"security.protocol": "SASL_SSL"}
+    assert s.kafka_client_config == sasl
     assert all(t.partitions == 12 for t in s.topic_specs())
 
 
