@@ -20,7 +20,7 @@ from infra.kafka import KafkaCluster, KafkaClusterConfig, wait_until_ready
 from infra.mlflow_local import MlflowServer, MlflowServerConfig, ensure_experiment
 from infra.objectstore import LocalObjectStore, ObjectStoreConfig
 from infra.postgres import LocalPostgres, PostgresConfig
-from sop.settings import Settings, endpoints_file, load_settings, resolve_profile
+from sop.settings import Settings, endpoints_file, resolve_profile
 
 
 def local_kafka(settings: Settings) -> LocalKafka:
@@ -170,7 +170,3 @@ def cluster_status(settings: Settings) -> dict[str, tuple[str, str]]:
     out["mlflow server"] = ("running", cluster.mlflow.url) if ml else ("stopped", "-")
     return out
 
-
-def reload(settings: Settings, **overrides: object) -> Settings:
-    """The settings again from the environment, with ``overrides`` (e.g. after `sop up` wrote the endpoints)."""
-    return load_settings(**{"profile": settings.profile, "run_dir": settings.run_dir, **overrides})
