@@ -51,6 +51,7 @@ from consumers.machine import (
     build_rows,
 )
 from consumers.values import RegistryValueSource
+from infra.kafka_client import aiokafka_settings
 from lakehouse import Lakehouse
 from lakehouse.maintenance import CompactionSchedule, VacuumSchedule, maybe_compact, maybe_vacuum
 
@@ -59,9 +60,15 @@ log = logging.getLogger("sop.processor")
 
 @dataclass(frozen=True, kw_only=True)
 class ProcessorConfig:
-    bootstrap: str
+    bootstrap: str  # one broker or a comma-separated list
     topics: dict[str, str]  # Step / EpisodeEvent / InterventionEvent / deadletter -> topic
     partitions: int  # of the source topics (they must all have this many)
+    # librdkafka-style client settings (SASL/TLS), mapped onto faust/aiokafka (infra.kafka_client)
+    client_config: dict[str, str] = field(default_factory=dict)
+    # the topics faust creates (the changelogs of episode-meta and episode-steps, the control topic)
+    replication_factor: int = 1
+    min_insync_replicas: int | None = None  # None: the broker's default
+    control_retention_ms: int = 7 * 24 * 3600 * 1000
     lake_root: str
     lake_storage_options: dict[str, str] = field(default_factory=dict)
     group_id: str = "sop-processor"
@@ -96,6 +103,10 @@ class ProcessorConfig:
             problems.append(f"partitions must be >= 1, got {self.partitions}")
         if self.chunk_steps < 1:
             problems.append(f"chunk_steps must be >= 1, got {self.chunk_steps}")
+        if self.replication_factor < 1:
+            problems.append(f"replication_factor must be >= 1, got {self.replication_factor}")
+        if self.min_insync_replicas is not None and not 1 <= self.min_insync_replicas <= self.replication_factor:
+            problems.append(f"min_insync_replicas must be in 1..{self.replication_factor}, got {self.min_insync_replicas}")
         for name in ("flush_interval_s", "tick_interval_s", "end_grace_s", "abort_timeout_s", "chunk_age_s",
                      "vacuum_interval_s"):
             if getattr(self, name) <= 0:
@@ -106,6 +117,31 @@ class ProcessorConfig:
     @property
     def control_topic(self) -> str:
         return f"{self.group_id}-control"
+
+    @property
+    def brokers(self) -> list[str]:
+        """faust's broker URLs, one per bootstrap server."""
+        return [f"kafka://{server.strip()}" for server in self.bootstrap.split(",") if server.strip()]
+
+    def internal_topic_config(self) -> dict[str, str]:
+        """Topic configs of the topics faust creates (replication is faust's ``topic_replication_factor``)."""
+        return {"min.insync.replicas": str(self.min_insync_replicas)} if self.min_insync_replicas else {}
+
+    def broker_settings(self) -> dict[str, Any]:
+        """faust App settings for ``client_config``: ``broker_credentials`` (SASL and/or TLS) and
+        ``broker_client_id``. Raises :class:`infra.kafka_client.ClientConfigError` naming a key it cannot map."""
+        auth = aiokafka_settings(self.client_config)
+        out: dict[str, Any] = {}
+        protocol = auth["security_protocol"]
+        if protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
+            out["broker_credentials"] = faust.SASLCredentials(
+                username=auth["sasl_plain_username"], password=auth["sasl_plain_password"],
+                mechanism=auth["sasl_mechanism"], ssl_context=auth.get("ssl_context"))
+        elif protocol == "SSL":
+            out["broker_credentials"] = faust.SSLCredentials(auth["ssl_context"])
+        if "client_id" in auth:
+            out["broker_client_id"] = auth["client_id"]
+        return out
 
     def machine_config(self) -> MachineConfig:
         return MachineConfig(
@@ -277,14 +313,15 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Shell]:
     commit_guard.install_rewind(config.topics[k] for k in ("Step", "EpisodeEvent", "InterventionEvent"))
     config.datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
-        config.group_id, broker=f"kafka://{config.bootstrap}", store="memory://", datadir=str(config.datadir),
-        topic_replication_factor=1, topic_partitions=config.partitions, web_enabled=False,
+        config.group_id, broker=config.brokers, store="memory://", datadir=str(config.datadir),
+        topic_replication_factor=config.replication_factor, topic_partitions=config.partitions, web_enabled=False,
         consumer_auto_offset_reset="earliest", stream_wait_empty=False, broker_commit_interval=1.0,
         # a killed worker's partitions move to its replacement after this long (faust's default is 60 s)
         broker_session_timeout=config.session_timeout_s, broker_heartbeat_interval=config.session_timeout_s / 4,
         producer_max_request_size=8 * 1024 * 1024, consumer_max_fetch_size=16 * 1024 * 1024,
         producer_linger=0.01, producer_max_batch_size=1024 * 1024, stream_buffer_maxsize=16384,
         table_cleanup_interval=3600.0,
+        **config.broker_settings(),
     )
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     topic_of = {Kind.STEP: config.topics["Step"], Kind.EPISODE: config.topics["EpisodeEvent"],
@@ -292,10 +329,14 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Shell]:
     steps_topic = app.topic(topic_of[Kind.STEP], **raw)
     episodes_topic = app.topic(topic_of[Kind.EPISODE], **raw)
     interventions_topic = app.topic(topic_of[Kind.INTERVENTION], **raw)
-    control_topic = app.topic(config.control_topic, partitions=config.partitions, internal=True, **raw)
+    internal = config.internal_topic_config()
+    control_topic = app.topic(config.control_topic, partitions=config.partitions, internal=True,
+                              retention=config.control_retention_ms / 1000, config=internal or None, **raw)
     deadletter_topic = app.topic(config.topics["deadletter"], **raw)
-    meta = app.Table("episode-meta", partitions=config.partitions, key_type=bytes)  # JSON values
-    chunks = app.Table("episode-steps", partitions=config.partitions, key_type=bytes, value_type=bytes)
+    meta = app.Table("episode-meta", partitions=config.partitions, key_type=bytes,  # JSON values
+                     extra_topic_configs=internal)
+    chunks = app.Table("episode-steps", partitions=config.partitions, key_type=bytes, value_type=bytes,
+                       extra_topic_configs=internal)
     shell = Shell(config, meta=meta, chunks=chunks)
     machine = shell.machine
     # Handles are (event, generation): an acknowledgement decided before the last rebalance (a flush that

@@ -5,6 +5,11 @@ resolved from Maven Central by ``kafka/pom.xml`` into a cache outside the reposi
 MLflow registry (SQLite backend + local artifact root, optional UI server), and topic creation.
 Everything here also works against an external deployment: topic creation takes any bootstrap.
 
+The cluster profile's services: :class:`infra.kafka.KafkaCluster` (three combined broker/controller nodes, a
+KRaft quorum), :class:`infra.objectstore.LocalObjectStore` (SeaweedFS S3, built once from its Go module),
+:class:`infra.postgres.LocalPostgres` and :class:`infra.mlflow_local.MlflowServer` (MLflow on PostgreSQL with
+artifacts proxied to the bucket); :mod:`infra.kafka_client` maps the librdkafka-style client config onto aiokafka.
+
     broker = LocalKafka(KafkaBrokerConfig(data_dir=run_dir / "kafka"))
     bootstrap = broker.start()             # formats storage if needed, waits until it answers
     ensure_topics(bootstrap, topic_specs)  # idempotent

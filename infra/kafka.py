@@ -1,4 +1,6 @@
-"""One local Kafka 4.x broker in KRaft mode, run from the official jars on Maven Central."""
+"""Local Kafka 4.x in KRaft mode, run from the official jars on Maven Central: one broker (:class:`LocalKafka`,
+the embedded profile) or a cluster of combined broker/controller nodes with a controller quorum
+(:class:`KafkaCluster`, the cluster profile), and topic creation that honours replication settings."""
 
 from __future__ import annotations
 
@@ -57,9 +59,25 @@ def _port_open(host: str, port: int) -> bool:
 class TopicSpec:
     name: str
     partitions: int = 4
+    replication_factor: int = 1
+    min_insync_replicas: int | None = None  # None: the broker's default
     retention_ms: int = 7 * 24 * 3600 * 1000
     max_message_bytes: int = 8 * 1024 * 1024
     extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.replication_factor < 1:
+            raise StackError(f"topic {self.name}: replication factor must be >= 1, got {self.replication_factor}")
+        if self.min_insync_replicas is not None and not 1 <= self.min_insync_replicas <= self.replication_factor:
+            raise StackError(f"topic {self.name}: min.insync.replicas must be in 1..{self.replication_factor} "
+                             f"(the replication factor), got {self.min_insync_replicas}")
+
+    def config(self) -> dict[str, str]:
+        """The topic-level configs this spec sets."""
+        out = {"retention.ms": str(self.retention_ms), "max.message.bytes": str(self.max_message_bytes)}
+        if self.min_insync_replicas is not None:
+            out["min.insync.replicas"] = str(self.min_insync_replicas)
+        return {**out, **self.extra}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,12 +91,30 @@ class KafkaBrokerConfig:
     heap_mb: int = 768
     max_message_bytes: int = 8 * 1024 * 1024
     start_timeout_s: float = 90.0
+    # One node of a cluster: its id, the controller quorum ("1@host:port,2@host:port,...") and the cluster id
+    # every node is formatted with. None: a cluster of this node alone.
+    node_id: int = 1
+    voters: str | None = None
+    cluster_id: str | None = None
+    # Replication of the broker's internal topics (consumer offsets, transactions) and the default of topics
+    # created without one (auto-created ones).
+    replication_factor: int = 1
+    min_insync_replicas: int = 1
+    # The listener clients use: PLAINTEXT, or SSL / SASL_PLAINTEXT / SASL_SSL with ``extra_properties`` saying how
+    # (e.g. ``listener.name.client.plain.sasl.jaas.config``, ``ssl.keystore.*``). A secured client listener gets
+    # a PLAINTEXT listener beside it on loopback for the brokers themselves and for readiness checks.
+    client_protocol: str = "PLAINTEXT"
+    extra_properties: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not (0 <= self.port < 65536 and 0 <= self.controller_port < 65536):
             raise StackError(f"Kafka ports must be in 0..65535, got {self.port}/{self.controller_port}")
         if self.heap_mb < 128:
             raise StackError(f"Kafka heap of {self.heap_mb} MB is too small: set at least 128")
+        if self.client_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
+            raise StackError(f"unknown Kafka listener protocol {self.client_protocol!r}")
+        if not 1 <= self.min_insync_replicas <= self.replication_factor:
+            raise StackError(f"min.insync.replicas {self.min_insync_replicas} must be in 1..{self.replication_factor}")
 
 
 def resolve_jars(version: str, cache: Path, *, pom: Path = POM, folder: str = "libs") -> Path:
@@ -129,27 +165,32 @@ class LocalKafka:
     def start(self) -> str:
         """Start the broker unless it already runs; return its bootstrap address once it answers."""
         if (st := self.state()) is not None:
-            wait_until_ready(st["bootstrap"], timeout_s=self.config.start_timeout_s)
+            wait_until_ready(st.get("ready", st["bootstrap"]), timeout_s=self.config.start_timeout_s)
             return st["bootstrap"]
+        bootstrap = self.launch()
+        self.wait_ready()
+        return bootstrap
+
+    def launch(self) -> str:
+        """Format the storage if needed and start the process, without waiting for it to answer (a node of a
+        cluster answers only once a quorum of controllers runs); return the bootstrap address."""
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         libs = resolve_jars(cfg.version, cfg.jar_cache)
-        port = cfg.port or free_port(cfg.host)
-        if _port_open(cfg.host, port):
-            raise StackError(
-                f"port {cfg.host}:{port} is already in use: stop what listens there or set SOP_KAFKA_PORT (0 = any free port)"
-            )
-        cport = cfg.controller_port or free_port(cfg.host)
+        ports = self._ports()
+        for what, port in ports.items():
+            if _port_open(cfg.host, port):
+                raise StackError(f"port {cfg.host}:{port} ({what} of Kafka node {cfg.node_id}) is already in use: stop "
+                                 "what listens there or set SOP_KAFKA_PORT (0 = any free port)")
         props = cfg.data_dir / "server.properties"
         log_dir = cfg.data_dir / "log"
-        props.write_text(_server_properties(cfg, port, cport, log_dir))
-        classpath = f"{libs}/*"
+        props.write_text(_server_properties(cfg, ports, log_dir))
         java = ["java", f"-Xmx{cfg.heap_mb}m", f"-Xms{min(cfg.heap_mb, 256)}m", "-XX:+UseG1GC",
                 "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true",
                 f"-Dlog4j2.configurationFile={LOG4J_CONFIG}", f"-Dkafka.logs.dir={cfg.data_dir}",
-                "-cp", classpath]
+                "-cp", f"{libs}/*"]
         if not (log_dir / "meta.properties").exists():
-            cluster_id = new_cluster_id()
+            cluster_id = cfg.cluster_id or new_cluster_id()
             fmt = subprocess.run([*java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
                                  capture_output=True, text=True)
             if fmt.returncode != 0:
@@ -157,15 +198,46 @@ class LocalKafka:
         with open(self.log_file, "ab") as log:
             self._proc = subprocess.Popen([*java, "kafka.Kafka", str(props)], stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True)
-        bootstrap = f"{cfg.host}:{port}"
-        self.state_file.write_text(json.dumps({"pid": self._proc.pid, "bootstrap": bootstrap,
-                                               "controller_port": cport, "version": cfg.version}))
+        bootstrap = f"{cfg.host}:{ports['port']}"
+        ready = f"{cfg.host}:{ports.get('internal_port', ports['port'])}"
+        self.state_file.write_text(json.dumps({"pid": self._proc.pid, "bootstrap": bootstrap, "ready": ready,
+                                               "node_id": cfg.node_id, "version": cfg.version, **ports}))
+        return bootstrap
+
+    def wait_ready(self, *, min_brokers: int = 1) -> None:
+        """Block until this node answers (and metadata shows ``min_brokers``); stop it on failure."""
+        st = self.state()
+        if st is None:
+            tail = self.log_file.read_text()[-3000:] if self.log_file.exists() else ""
+            raise StackError(f"Kafka node {self.config.node_id} is not running:\n{tail}")
         try:
-            wait_until_ready(bootstrap, timeout_s=cfg.start_timeout_s, proc=self._proc, log_file=self.log_file)
+            wait_until_ready(st.get("ready", st["bootstrap"]), timeout_s=self.config.start_timeout_s, proc=self._proc,
+                             log_file=self.log_file, min_brokers=min_brokers)
         except StackError:
             self.stop()
             raise
-        return bootstrap
+
+    def _ports(self) -> dict[str, int]:
+        """The ports of this node: those of its first start (kept in ports.json, so that restarts and the other
+        nodes' quorum find it again), else the configured ones, else free ones."""
+        saved = self.config.data_dir / "ports.json"
+        cfg = self.config
+        try:
+            ports = json.loads(saved.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            ports = {}
+        if cfg.port:
+            ports["port"] = cfg.port
+        if cfg.controller_port:
+            ports["controller_port"] = cfg.controller_port
+        ports.setdefault("port", free_port(cfg.host))
+        ports.setdefault("controller_port", free_port(cfg.host))
+        if cfg.client_protocol != "PLAINTEXT":
+            ports.setdefault("internal_port", free_port(cfg.host))
+        else:
+            ports.pop("internal_port", None)
+        saved.write_text(json.dumps(ports))
+        return ports
 
     def stop(self, timeout_s: float = 30.0) -> bool:
         """Stop the broker cleanly (SIGTERM, then SIGKILL after ``timeout_s``). Returns whether one was running."""
@@ -200,40 +272,163 @@ class LocalKafka:
 
     def restart_same_ports(self) -> str:
         """Start again on the ports of the last run (after :meth:`kill` or :meth:`stop`)."""
-        props = (self.config.data_dir / "server.properties").read_text()
-        port = int(props.split("listeners=PLAINTEXT://", 1)[1].split(",", 1)[0].rsplit(":", 1)[1])
-        cport = int(props.split("CONTROLLER://", 1)[1].split("\n", 1)[0].rsplit(":", 1)[1])
         self.state_file.unlink(missing_ok=True)
-        again = LocalKafka(KafkaBrokerConfig(**{**self.config.__dict__, "port": port, "controller_port": cport}))
-        bootstrap = again.start()
-        self._proc = again._proc
+        bootstrap = self.start()  # _ports() reads them back from ports.json
         return bootstrap
 
 
-def _server_properties(cfg: KafkaBrokerConfig, port: int, cport: int, log_dir: Path) -> str:
-    return "\n".join([
+def _server_properties(cfg: KafkaBrokerConfig, ports: dict[str, int], log_dir: Path) -> str:
+    host, port, cport = cfg.host, ports["port"], ports["controller_port"]
+    voters = cfg.voters or f"{cfg.node_id}@{host}:{cport}"
+    if cfg.client_protocol == "PLAINTEXT":
+        listeners = [f"listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{cport}",
+                     f"advertised.listeners=PLAINTEXT://{host}:{port}",
+                     "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                     "inter.broker.listener.name=PLAINTEXT"]
+    else:
+        internal = ports["internal_port"]
+        listeners = [f"listeners=CLIENT://{host}:{port},INTERNAL://{host}:{internal},CONTROLLER://{host}:{cport}",
+                     f"advertised.listeners=CLIENT://{host}:{port},INTERNAL://{host}:{internal}",
+                     f"listener.security.protocol.map=CLIENT:{cfg.client_protocol},INTERNAL:PLAINTEXT,"
+                     "CONTROLLER:PLAINTEXT",
+                     "inter.broker.listener.name=INTERNAL"]
+    rf, isr = cfg.replication_factor, cfg.min_insync_replicas
+    lines = [
         "process.roles=broker,controller",
-        "node.id=1",
-        f"controller.quorum.voters=1@{cfg.host}:{cport}",
-        f"listeners=PLAINTEXT://{cfg.host}:{port},CONTROLLER://{cfg.host}:{cport}",
-        f"advertised.listeners=PLAINTEXT://{cfg.host}:{port}",
+        f"node.id={cfg.node_id}",
+        f"controller.quorum.voters={voters}",
+        *listeners,
         "controller.listener.names=CONTROLLER",
-        "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-        "inter.broker.listener.name=PLAINTEXT",
         f"log.dirs={log_dir}",
         "num.partitions=4",
-        "offsets.topic.replication.factor=1",
+        f"default.replication.factor={rf}",
+        f"min.insync.replicas={isr}",
+        f"offsets.topic.replication.factor={rf}",
         "offsets.topic.num.partitions=8",
-        "transaction.state.log.replication.factor=1",
-        "transaction.state.log.min.isr=1",
-        "share.coordinator.state.topic.replication.factor=1",
+        f"transaction.state.log.replication.factor={rf}",
+        f"transaction.state.log.min.isr={isr}",
+        f"share.coordinator.state.topic.replication.factor={rf}",
+        f"share.coordinator.state.topic.min.isr={isr}",
         "group.initial.rebalance.delay.ms=0",
         "auto.create.topics.enable=true",
         f"message.max.bytes={cfg.max_message_bytes}",
         f"replica.fetch.max.bytes={cfg.max_message_bytes}",
         "log.segment.bytes=268435456",
+        *(f"{k}={v}" for k, v in cfg.extra_properties.items()),
         "",
-    ])
+    ]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KafkaClusterConfig:
+    """A cluster of ``nodes`` combined broker/controller processes on one host (the controller quorum is all of
+    them): what a small production site runs, on loopback."""
+
+    data_dir: Path
+    nodes: int = 3
+    version: str = DEFAULT_KAFKA_VERSION
+    host: str = "127.0.0.1"
+    first_port: int = 0  # node i listens on first_port + i - 1; 0 = free ports
+    jar_cache: Path = Path(os.environ.get("SOP_JAR_CACHE", Path.home() / ".cache" / "sop" / "jars"))
+    heap_mb: int = 384
+    max_message_bytes: int = 8 * 1024 * 1024
+    min_insync_replicas: int = 2
+    start_timeout_s: float = 180.0
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise StackError(f"a Kafka cluster needs at least one node, got {self.nodes}")
+        if not 1 <= self.min_insync_replicas <= self.nodes:
+            raise StackError(f"min.insync.replicas {self.min_insync_replicas} must be in 1..{self.nodes} (the nodes)")
+        if self.first_port and not 0 < self.first_port + self.nodes - 1 < 65536:
+            raise StackError(f"Kafka ports {self.first_port}..{self.first_port + self.nodes - 1} are not all valid")
+
+
+class KafkaCluster:
+    """``nodes`` Kafka processes forming one KRaft cluster; its layout (ports, cluster id) lives in
+    ``data_dir/cluster.json`` and every node's state under ``data_dir/node-<id>``, so any process finds it."""
+
+    def __init__(self, config: KafkaClusterConfig) -> None:
+        self.config = config
+        self.layout_file = config.data_dir / "cluster.json"
+
+    def _layout(self) -> dict:
+        """Ports and cluster id, chosen at the first start and kept (the quorum is formatted with them)."""
+        try:
+            return json.loads(self.layout_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        cfg = self.config
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        nodes = {}
+        for i in range(1, cfg.nodes + 1):
+            nodes[str(i)] = {"port": cfg.first_port + i - 1 if cfg.first_port else free_port(cfg.host),
+                             "controller_port": free_port(cfg.host)}
+        layout = {"cluster_id": new_cluster_id(), "nodes": nodes}
+        self.layout_file.write_text(json.dumps(layout))
+        return layout
+
+    def node(self, node_id: int) -> LocalKafka:
+        """The process of node ``node_id`` (1-based): stop, kill or restart one node."""
+        cfg, layout = self.config, self._layout()
+        ports = layout["nodes"][str(node_id)]
+        voters = ",".join(f"{i}@{cfg.host}:{n['controller_port']}" for i, n in sorted(layout["nodes"].items()))
+        return LocalKafka(KafkaBrokerConfig(
+            data_dir=cfg.data_dir / f"node-{node_id}", version=cfg.version, host=cfg.host, port=ports["port"],
+            controller_port=ports["controller_port"], jar_cache=cfg.jar_cache, heap_mb=cfg.heap_mb,
+            max_message_bytes=cfg.max_message_bytes, start_timeout_s=cfg.start_timeout_s, node_id=node_id,
+            voters=voters, cluster_id=layout["cluster_id"], replication_factor=cfg.nodes,
+            min_insync_replicas=cfg.min_insync_replicas))
+
+    @property
+    def node_ids(self) -> list[int]:
+        return list(range(1, self.config.nodes + 1))
+
+    def state(self) -> dict | None:
+        """``{"bootstrap": ..., "nodes": {id: pid}}`` while every node runs, else None."""
+        if not self.layout_file.exists():
+            return None
+        pids = {}
+        for i in self.node_ids:
+            st = self.node(i).state()
+            if st is None:
+                return None
+            pids[i] = st["pid"]
+        return {"bootstrap": self.bootstrap_servers, "nodes": pids}
+
+    @property
+    def bootstrap_servers(self) -> str:
+        layout = self._layout()
+        return ",".join(f"{self.config.host}:{n['port']}" for _, n in sorted(layout["nodes"].items()))
+
+    def start(self) -> str:
+        """Start the nodes that do not run (all at once: none answers before a quorum runs), wait until every
+        node answers and sees all the brokers, and return the bootstrap list."""
+        resolve_jars(self.config.version, self.config.jar_cache)
+        nodes = [self.node(i) for i in self.node_ids]
+        try:
+            for node in nodes:
+                if node.state() is None:
+                    node.launch()
+            for node in nodes:
+                node.wait_ready(min_brokers=self.config.nodes)
+        except StackError:
+            self.stop()
+            raise
+        return self.bootstrap_servers
+
+    def stop(self, timeout_s: float = 60.0) -> bool:
+        """Stop every node (SIGTERM to all, then each waited for); returns whether any was running."""
+        nodes = [self.node(i) for i in self.node_ids] if self.layout_file.exists() else []
+        running = [(n, n.state()) for n in nodes]
+        running = [(n, st) for n, st in running if st is not None]
+        for _, st in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(st["pid"], signal.SIGTERM)
+        for node, _ in running:
+            node.stop(timeout_s=timeout_s)
+        return bool(running)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -253,8 +448,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def wait_until_ready(bootstrap: str, *, timeout_s: float, client_config: dict | None = None,
-                     proc: subprocess.Popen | None = None, log_file: Path | None = None) -> None:
-    """Block until the broker answers a metadata request and has a controller."""
+                     proc: subprocess.Popen | None = None, log_file: Path | None = None,
+                     min_brokers: int = 1) -> None:
+    """Block until the broker answers a metadata request listing at least ``min_brokers`` brokers."""
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
     # log_level 0: "connection refused" while the broker boots is expected, not worth a line per retry
@@ -265,7 +461,7 @@ def wait_until_ready(bootstrap: str, *, timeout_s: float, client_config: dict | 
             raise StackError(f"Kafka broker exited with code {proc.returncode} while starting:\n{tail}")
         try:
             md = admin.list_topics(timeout=2)
-            if md.brokers:
+            if len(md.brokers) >= min_brokers:
                 return
         except KafkaException as exc:
             last = exc
@@ -279,10 +475,13 @@ def topic_names(prefix: str) -> dict[str, str]:
             "InterventionEvent": f"{prefix}interventions", "deadletter": f"{prefix}deadletter"}
 
 
-def create_topic_set(bootstrap: str, *, prefix: str, partitions: int) -> dict[str, str]:
+def create_topic_set(bootstrap: str, *, prefix: str, partitions: int, replication_factor: int = 1,
+                     min_insync_replicas: int | None = None, client_config: dict | None = None) -> dict[str, str]:
     """Create the four topics under ``prefix`` (tests and benchmarks use a fresh prefix each)."""
     topics = topic_names(prefix)
-    ensure_topics(bootstrap, [TopicSpec(name=t, partitions=partitions) for t in topics.values()])
+    ensure_topics(bootstrap, [TopicSpec(name=t, partitions=partitions, replication_factor=replication_factor,
+                                        min_insync_replicas=min_insync_replicas) for t in topics.values()],
+                  client_config=client_config)
     return topics
 
 
@@ -290,10 +489,18 @@ def ensure_topics(bootstrap: str, specs: list[TopicSpec], *, client_config: dict
                   timeout_s: float = 30.0) -> list[str]:
     """Create the topics that do not exist yet; return the names created. Harmless to call twice."""
     admin = AdminClient({"bootstrap.servers": bootstrap, **(client_config or {})})
-    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    md = admin.list_topics(timeout=timeout_s).topics
+    existing = set(md)
+    for s in specs:
+        if s.name in md and md[s.name].partitions:
+            replicas = min(len(p.replicas) for p in md[s.name].partitions.values())
+            if replicas < s.replication_factor:
+                raise StackError(
+                    f"topic {s.name} exists with replication factor {replicas}, the settings ask for "
+                    f"{s.replication_factor}: add replicas with kafka-reassign-partitions, or use another "
+                    "SOP_TOPIC_PREFIX")
     new = [
-        NewTopic(s.name, num_partitions=s.partitions, replication_factor=1,
-                 config={"retention.ms": str(s.retention_ms), "max.message.bytes": str(s.max_message_bytes), **s.extra})
+        NewTopic(s.name, num_partitions=s.partitions, replication_factor=s.replication_factor, config=s.config())
         for s in specs if s.name not in existing
     ]
     if not new:

@@ -75,8 +75,11 @@ def register_pyfunc_version(client: MlflowClient, *, name: str, experiment_id: s
     logged = client.create_logged_model(experiment_id=experiment_id, name=name, source_run_id=run_id, tags=tag_map)
     # The artifact location rather than "models:/<model_id>", and the model id only along with a run id:
     # MLflow 3.17's SQL registry resolves either through the process-wide tracking URI, not this client's.
+    # A tracking server resolves them itself, and refuses an mlflow-artifacts:/ source that neither a run id nor
+    # a model id vouches for.
+    server = (client.tracking_uri or "").startswith(("http://", "https://"))
     created = client.create_model_version(name, source=logged.artifact_location, run_id=run_id, tags=tag_map,
-                                          model_id=logged.model_id if run_id is not None else None)
+                                          model_id=logged.model_id if run_id is not None or server else None)
     version = str(created.version)
     try:
         with tempfile.TemporaryDirectory(prefix="sop-register-") as tmp:

@@ -2,8 +2,9 @@
 # Everything a fresh machine needs, idempotent and quick when already done:
 #   Debian packages (Java, Maven, EGL/OSMesa for headless MuJoCo rendering),
 #   the virtual environment with every Python dependency resolved in ONE pip run (see requirements.lock),
-#   and the Kafka broker jars and Kafka's command-line tools (kafka-tools, for `sop kafka`) resolved by Maven
-#   into ~/.cache/sop (never into the repository).
+#   the Kafka broker jars and Kafka's command-line tools (kafka-tools, for `sop kafka`) resolved by Maven
+#   into ~/.cache/sop (never into the repository), and the cluster profile's S3 server (SeaweedFS, built with
+#   Go from the module proxy into ~/.cache/sop/bin once: ~8 min on 2 cores the first time, nothing after).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -61,4 +62,24 @@ cache = KafkaBrokerConfig(data_dir=Path(".")).jar_cache
 libs = resolve_jars(DEFAULT_KAFKA_VERSION, cache)
 tools = resolve_tool_jars(DEFAULT_KAFKA_VERSION, cache)
 print(f"setup: Kafka {DEFAULT_KAFKA_VERSION} jars in {libs}, its command-line tools in {tools}")
+PY
+
+# Go for the SeaweedFS build: the machine's own toolchain, else Debian's (GOTOOLCHAIN=auto then fetches the Go
+# release SeaweedFS's go.mod asks for, as a module from the Go module proxy).
+if ! command -v go >/dev/null 2>&1 && [[ ! -x /usr/local/go/bin/go ]]; then
+  echo "setup: installing Go (Debian golang-go) to build SeaweedFS"
+  SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends golang-go >/dev/null
+fi
+"$VENV/bin/python" - <<'PY'
+import time
+from infra.objectstore import CACHE, SEAWEEDFS_VERSION, build_weed, weed_binary
+if weed_binary().exists():
+    print(f"setup: SeaweedFS {SEAWEEDFS_VERSION} in {weed_binary()}")
+else:
+    print(f"setup: building SeaweedFS {SEAWEEDFS_VERSION} (the cluster profile's S3 server; minutes, once per machine)")
+    t0 = time.monotonic()
+    path = build_weed(log=CACHE / "seaweedfs-build.log")
+    print(f"setup: SeaweedFS built in {time.monotonic() - t0:.0f} s: {path}")
 PY

@@ -13,7 +13,7 @@ snapshot.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import date, datetime
 from typing import Literal
 
@@ -65,10 +65,11 @@ def _projected(schema: pa.Schema, columns: Sequence[str] | None) -> pa.Schema:
     return pa.schema([schema.field(c) for c in columns])
 
 
-def _open_as_of(table: DeltaTable, as_of: AsOf) -> DeltaTable:
-    # A fresh handle, so time travel does not move the caller's table; the storage options are only kept
-    # on the private attribute.
-    other = DeltaTable(table.table_uri, storage_options=getattr(table, "_storage_options", None))
+def _open_as_of(table: DeltaTable, as_of: AsOf, storage_options: Mapping[str, str] | None) -> DeltaTable:
+    """A fresh handle at ``as_of``, so time travel does not move the caller's table. deltalake keeps the options a
+    table was opened with private, so an object-store table needs them again (:meth:`Lakehouse.table` with
+    ``as_of`` opens one directly)."""
+    other = DeltaTable(table.table_uri, storage_options=dict(storage_options) if storage_options else None)
     time_travel(other, as_of)
     return other
 
@@ -80,12 +81,14 @@ def snapshot(
     columns: Sequence[str] | None = None,
     tasks: Sequence[str] | None = None,
     since_date: date | None = None,
+    storage_options: Mapping[str, str] | None = None,
 ) -> tuple[pa.Table, int]:
     """All rows of the table (at ``as_of``: a version, a datetime or an ISO-8601 string) and that version.
 
     ``tasks`` / ``since_date`` prune files by partition (and statistics) and filter rows exactly.
+    ``storage_options``: those of the table (an object store's endpoint and keys), needed with ``as_of``.
     """
-    source = _open_as_of(table, as_of) if as_of is not None else table
+    source = _open_as_of(table, as_of, storage_options) if as_of is not None else table
     schema = _projected(arrow_schema(source), columns)
     predicate = sql_predicate(tasks=tasks, since_date=since_date)
     dataset = source.to_pyarrow_dataset(file_pruning_predicate=predicate)
@@ -101,9 +104,10 @@ def snapshot_batches(
     tasks: Sequence[str] | None = None,
     since_date: date | None = None,
     batch_size: int = 4096,
+    storage_options: Mapping[str, str] | None = None,
 ) -> tuple[Iterator[pa.RecordBatch], int]:
     """Like :func:`snapshot`, as a stream of record batches (bounded memory), and the version it reads."""
-    source = _open_as_of(table, as_of) if as_of is not None else table
+    source = _open_as_of(table, as_of, storage_options) if as_of is not None else table
     schema = _projected(arrow_schema(source), columns)
     dataset = source.to_pyarrow_dataset(file_pruning_predicate=sql_predicate(tasks=tasks, since_date=since_date))
     batches = dataset.to_batches(columns=schema.names, filter=_row_filter(tasks=tasks, since_date=since_date),
@@ -111,9 +115,10 @@ def snapshot_batches(
     return (batch.cast(schema) for batch in batches), source.version()
 
 
-def version_at(table: DeltaTable, timestamp: datetime | str) -> int:
+def version_at(table: DeltaTable, timestamp: datetime | str, *,
+               storage_options: Mapping[str, str] | None = None) -> int:
     """The table version that was current at ``timestamp`` (the last commit at or before it)."""
-    return _open_as_of(table, timestamp).version()
+    return _open_as_of(table, timestamp, storage_options).version()
 
 
 def _is_missing_file(exc: BaseException) -> bool:

@@ -28,7 +28,9 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -302,6 +304,27 @@ def join_uri(root: str, name: str) -> str:
     if "://" in root:
         return f"{root.rstrip('/')}/{name}"
     return os.path.join(root, name)
+
+
+def normalize_root(root: str) -> str:
+    """One spelling per table root: an object-store URI with a lower-case scheme and bucket and no trailing slash
+    (``s3a://`` as ``s3://``), a local path (or ``file://`` URI) absolute with symlinks resolved."""
+    if "://" not in root:
+        return str(Path(root).resolve())
+    scheme, rest = root.split("://", 1)
+    scheme = scheme.lower()
+    if scheme == "file":
+        return str(Path(unquote(urlsplit(root).path)).resolve())
+    if scheme in ("s3a", "s3n"):
+        scheme = "s3"
+    bucket, _, key = rest.partition("/")
+    key = "/".join(part for part in key.split("/") if part)
+    return f"{scheme}://{bucket.lower()}" + (f"/{key}" if key else "")
+
+
+def same_root(a: str, b: str) -> bool:
+    """Whether two table roots (paths or URIs) name the same place."""
+    return normalize_root(a) == normalize_root(b)
 
 
 def arrow_schema(table: DeltaTable) -> pa.Schema:

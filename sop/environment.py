@@ -22,6 +22,7 @@ DIRECT: Mapping[str, str] = {
     "SOP_CODEC_KNOWN_VERSIONS": "schemas.codec: the released schema versions this process knows",
     "SOP_PARENT_PID": "sop.processes: a child stops when this parent process is gone",
     "SOP_JAR_CACHE": "infra.kafka: where the Kafka jars are cached",
+    "SOP_TOOL_CACHE": "infra.objectstore: where the SeaweedFS build (and its Go caches) live (~/.cache/sop)",
     "SOP_TEST_KAFKA_BOOTSTRAP": "tests/conftest.py: an external broker for the integration tests",
     "SOP_VENV": "infra/setup.sh: where the virtual environment is made",
 }

@@ -25,7 +25,7 @@ from sop import stack
 from sop.live import LiveFeed, episodes_since, gather, kafka_lag, render
 from sop.processes import SopProcess
 from sop.report import write_report
-from sop.settings import Settings
+from sop.settings import Settings, site_environment
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +44,7 @@ class LoopConfig:
     learn_args: tuple[str, ...] = ()
     actor_args: tuple[str, ...] = ()
     learn_online: bool = True  # False: collect only (offline-iterations baseline: train after collection)
+    processors: int = 1  # stream processor workers in one consumer group (they split the partitions)
     keep_stack: bool = False
     report_dir: Path | None = None
     refresh_s: float = 2.0
@@ -53,6 +54,8 @@ class LoopConfig:
         problems = []
         if self.actors < 1:
             problems.append(f"actors must be >= 1, got {self.actors}")
+        if self.processors < 1:
+            problems.append(f"processors must be >= 1, got {self.processors}")
         if self.duration_s <= 0:
             problems.append(f"duration must be > 0, got {self.duration_s}")
         if self.target_success is not None and not 0 < self.target_success <= 1:
@@ -100,10 +103,11 @@ class ClosedLoop:
         self.children: dict[str, SopProcess] = {}
         self.started_at = time.time()
         self.stop_reason = ""
+        self.site_env: dict[str, str] = {}  # under the cluster profile: every endpoint, explicitly, for the children
 
     # -- steps -----------------------------------------------------------------------------------
     def _child(self, name: str, args: list[str], *, settings: dict | None = None) -> SopProcess:
-        env = {"SOP_RUN_DIR": str(self.settings.run_path), **self.config.extra_env}
+        env = {"SOP_RUN_DIR": str(self.settings.run_path), **self.site_env, **self.config.extra_env}
         return SopProcess(args, env=env, settings=settings, log=self.logs / f"{name}.log", own_session=True)
 
     def _run_to_end(self, name: str, args: list[str]) -> None:
@@ -119,8 +123,18 @@ class ClosedLoop:
             raise RuntimeError(f"`sop {' '.join(args)}` failed with {child.proc.returncode}:\n{child.tail()}")
 
     def prepare(self) -> None:
-        info = stack.up(self.settings)
-        self.console.print(f"[green]stack[/] kafka {info.bootstrap} · mlflow {info.tracking_uri}")
+        with self.console.status(f"starting the {self.settings.profile} stack…"):
+            info = stack.up(self.settings)
+        if info.settings is not None:
+            self.settings = info.settings  # under the cluster profile: with the endpoints it started
+        if self.settings.profile == "cluster":
+            # The processor, learner and actors run as on machines of a real site: the embedded profile with every
+            # endpoint set explicitly (Kafka, registry over HTTP, the lake in the bucket), nothing read from here.
+            self.site_env = {**site_environment(self.settings), "SOP_PROFILE": "embedded"}
+            for part, where in info.parts.items():
+                self.console.print(f"[green]{part}[/] {where}")
+        else:
+            self.console.print(f"[green]stack[/] kafka {info.bootstrap} · mlflow {info.tracking_uri}")
         tasks = ["--tasks", ",".join(self.config.tasks)] if self.config.tasks else []
         if _demo_rows(self.settings) == 0 and self.config.demos_per_task is not None:
             self._run_to_end("demos", ["demos", "--episodes-per-task", str(self.config.demos_per_task),
@@ -142,7 +156,8 @@ class ClosedLoop:
     def start(self) -> None:
         cfg = self.config
         self.started_at = time.time()
-        self.children["processor"] = self._child("processor", ["process"]).start()
+        for name in self.processor_names:
+            self.children[name] = self._child(name, ["process"]).start()
         if cfg.learn_online:
             self.children["learner"] = self._child("learner", [
                 "learn", "--algorithm", cfg.algorithm, "--sampler", cfg.sampler, "--quiet", *cfg.learn_args]).start()
@@ -155,6 +170,11 @@ class ClosedLoop:
                 "--no-status", "--status-file", str(self.settings.run_path / "actors" / f"{aid}.json"),
                 *tasks, *cfg.actor_args]).start()
 
+    @property
+    def processor_names(self) -> list[str]:
+        n = self.config.processors
+        return ["processor"] if n == 1 else [f"processor-{i}" for i in range(n)]
+
     def done(self, state) -> bool:  # noqa: ANN001 - LiveState
         cfg = self.config
         if time.time() - self.started_at >= cfg.duration_s:
@@ -166,7 +186,7 @@ class ClosedLoop:
             self.stop_reason = f"every task reached recent success {cfg.target_success}"
             return True
         for name, child in self.children.items():
-            if not child.running and name in ("processor", "learner"):
+            if not child.running and (name == "learner" or name in self.processor_names):
                 self.stop_reason = f"{name} exited ({child.proc.returncode}); see {child.log}"
                 return True
         return False
@@ -203,16 +223,17 @@ class ClosedLoop:
                           timeout_s=60)
         with self.console.status("processor: draining what the actors published…"):
             deadline = time.time() + 90
-            while time.time() < deadline and self.children["processor"].running:
+            while time.time() < deadline and any(self.children[n].running for n in self.processor_names):
                 lag = kafka_lag(self.settings, self.settings.processor_group)
                 if lag == 0:
                     time.sleep(2 * self.settings.processor_flush_interval_s + 1)
                     break
                 time.sleep(1)
-        for name in ("learner", "processor"):
-            if name in self.children:
-                with self.console.status(f"stopping {name}…"):
-                    self.children[name].stop(timeout_s=60)
+        if "learner" in self.children:
+            with self.console.status("stopping learner…"):
+                self.children["learner"].stop(timeout_s=60)
+        with self.console.status("stopping the processor…"):
+            stop_together([self.children[n] for n in self.processor_names if n in self.children], timeout_s=60)
 
     def report(self) -> dict:
         lake = Lakehouse(self.settings.lake_root, storage_options=self.settings.lake_storage_options or None)
@@ -238,7 +259,9 @@ class ClosedLoop:
         from infra.registry import registry_client
 
         client = registry_client(self.settings.tracking_uri)
-        exp = ensure_experiment(self.settings.tracking_uri, self.settings.artifact_root)
+        # an explicit tracking server keeps artifacts where it says (the cluster's proxied bucket)
+        exp = ensure_experiment(self.settings.tracking_uri,
+                                None if self.settings.mlflow_tracking_uri else self.settings.artifact_root)
         run = client.create_run(exp, run_name=f"sop-run-{stamp}", tags={"sop.kind": "closed-loop"})
         for key in ("episodes", "episodes_per_hour", "success_last_window_mean", "final_rolling_success",
                     "time_to_0.8_min"):

@@ -3,6 +3,12 @@
 Every field maps to an environment variable: ``run_dir`` ← ``SOP_RUN_DIR``, ``kafka_bootstrap`` ←
 ``SOP_KAFKA_BOOTSTRAP``, and so on. Dict fields take JSON (``SOP_KAFKA_CLIENT_CONFIG='{"security.protocol":
 "SASL_SSL"}'``). A bad value stops the command at start with a message naming the variable to fix.
+
+Profiles (``SOP_PROFILE`` or ``--profile`` of `sop up/run/down/status`): ``embedded`` (one broker, SQLite MLflow,
+the lake on local disk) or ``cluster`` (three brokers, an S3 server, MLflow on PostgreSQL; see docs/deploy.md).
+Under ``cluster`` the endpoints `sop up --profile cluster` started fill in ``kafka_bootstrap``,
+``mlflow_tracking_uri``, ``lake_uri`` and ``lake_storage_options`` unless those are set explicitly — the same
+settings a real site sets by hand (:func:`site_environment` prints them).
 """
 
 from __future__ import annotations
@@ -11,10 +17,13 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infra.kafka import DEFAULT_KAFKA_VERSION, TopicSpec, topic_names
+from infra.kafka_client import check_client_config
+
+PROFILES = ("embedded", "cluster")
 
 
 class SettingsError(ValueError):
@@ -38,6 +47,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SOP_", extra="ignore", frozen=True)
 
     run_dir: Path = Field(Path(".sop"), description="Where the local stack keeps its data (Kafka logs, Delta tables, MLflow).")
+    profile: Literal["embedded", "cluster"] = Field("embedded", description=(
+        "The local stack: embedded (one broker, SQLite MLflow, local lake) or cluster (3 brokers, S3 server, "
+        "MLflow server on PostgreSQL)."))
 
     # Kafka
     kafka_bootstrap: str | None = Field(None, description="External Kafka bootstrap servers; unset = the local broker of `sop up`.")
@@ -47,7 +59,15 @@ class Settings(BaseSettings):
     kafka_heap_mb: int = Field(768, ge=128)
     topic_prefix: str = "sop."
     topic_partitions: int = Field(4, ge=1, le=1024)
+    topic_replication_factor: int | None = Field(None, ge=1, le=32, description=(
+        "Replicas of every topic SOP creates (data topics, the processor's changelogs and control topic); "
+        "unset = 1, or the brokers of the cluster profile."))
+    topic_min_insync_replicas: int | None = Field(None, ge=1, le=32, description=(
+        "min.insync.replicas of those topics; unset = the broker's default (the cluster profile: 2)."))
     topic_retention_hours: float = Field(24 * 7, gt=0)
+    cluster_kafka_nodes: int = Field(3, ge=1, le=9, description="Brokers (each also a controller) of the cluster profile.")
+    cluster_kafka_heap_mb: int = Field(384, ge=128, description="Java heap of each broker of the cluster profile.")
+    cluster_bucket: str = Field("sop", description="The cluster profile's bucket: the lake and MLflow's artifacts.")
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024)
 
     # Publisher
@@ -95,6 +115,20 @@ class Settings(BaseSettings):
     lake_uri: str | None = Field(None, description="Root of the Delta tables (path or s3://…); unset = run_dir/lake.")
     lake_storage_options: dict[str, str] = Field(default_factory=dict)
 
+    @field_validator("kafka_client_config")
+    @classmethod
+    def _client_config(cls, v: dict[str, str]) -> dict[str, str]:
+        check_client_config(v)  # every client (confluent-kafka and faust's aiokafka) must honour every key
+        return v
+
+    @model_validator(mode="after")
+    def _replication(self) -> Settings:
+        rf, isr = self.replication_factor, self.topic_min_insync_replicas
+        if isr is not None and isr > rf:
+            raise ValueError(f"SOP_TOPIC_MIN_INSYNC_REPLICAS ({isr}) exceeds the replication factor ({rf}); "
+                             "set SOP_TOPIC_REPLICATION_FACTOR or lower it")
+        return self
+
     @field_validator("publish_compression")
     @classmethod
     def _known_compression(cls, v: str) -> str:
@@ -133,14 +167,45 @@ class Settings(BaseSettings):
         """Record name → topic, plus the dead-letter topic under ``"deadletter"``."""
         return topic_names(self.topic_prefix)
 
+    @property
+    def replication_factor(self) -> int:
+        """Replicas of the topics SOP creates."""
+        if self.topic_replication_factor is not None:
+            return self.topic_replication_factor
+        return self.cluster_kafka_nodes if self.profile == "cluster" else 1
+
+    @property
+    def min_insync_replicas(self) -> int | None:
+        """min.insync.replicas of the topics SOP creates (None: the broker's default)."""
+        if self.topic_min_insync_replicas is not None:
+            return self.topic_min_insync_replicas
+        return min(2, self.replication_factor) if self.profile == "cluster" else None
+
+    @property
+    def retention_ms(self) -> int:
+        return int(self.topic_retention_hours * 3600 * 1000)
+
     def topic_specs(self) -> list[TopicSpec]:
-        return [TopicSpec(name=name, partitions=self.topic_partitions,
-                          retention_ms=int(self.topic_retention_hours * 3600 * 1000),
+        return [TopicSpec(name=name, partitions=self.topic_partitions, replication_factor=self.replication_factor,
+                          min_insync_replicas=self.min_insync_replicas, retention_ms=self.retention_ms,
                           max_message_bytes=self.max_message_bytes) for name in self.topics.values()]
 
     @property
+    def cluster_dir(self) -> Path:
+        """Where the cluster profile keeps its services' data and ``endpoints.json``."""
+        return self.run_path / "cluster"
+
+    def _need_cluster(self, what: str) -> None:
+        if self.profile == "cluster":
+            raise SettingsError(f"no {what} to talk to: the cluster profile is not up (run `sop up --profile cluster`)"
+                                f" or set it explicitly")
+
+    @property
     def tracking_uri(self) -> str:
-        return self.mlflow_tracking_uri or f"sqlite:///{self.run_path / 'mlflow.db'}"
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        self._need_cluster("MLflow server (SOP_MLFLOW_TRACKING_URI)")
+        return f"sqlite:///{self.run_path / 'mlflow.db'}"
 
     @property
     def artifact_root(self) -> Path:
@@ -148,12 +213,16 @@ class Settings(BaseSettings):
 
     @property
     def lake_root(self) -> str:
-        return self.lake_uri or str(self.run_path / "lake")
+        if self.lake_uri:
+            return self.lake_uri
+        self._need_cluster("lake (SOP_LAKE_URI)")
+        return str(self.run_path / "lake")
 
     def bootstrap(self) -> str:
         """The Kafka to talk to: SOP_KAFKA_BOOTSTRAP, else the local broker that `sop up` started."""
         if self.kafka_bootstrap:
             return self.kafka_bootstrap
+        self._need_cluster("Kafka (SOP_KAFKA_BOOTSTRAP)")
         state = self.run_path / "kafka" / "broker.json"
         try:
             return json.loads(state.read_text())["bootstrap"]
@@ -163,9 +232,48 @@ class Settings(BaseSettings):
             ) from None
 
 
-def load_settings(**overrides: object) -> Settings:
-    """Read settings from the environment (and explicit overrides); raise :class:`SettingsError` on bad input."""
+# What a cluster's endpoints fill in (endpoints.json of `sop up --profile cluster`), unless set explicitly.
+ENDPOINT_FIELDS = ("kafka_bootstrap", "mlflow_tracking_uri", "lake_uri", "lake_storage_options")
+
+
+def endpoints_file(settings: Settings) -> Path:
+    return settings.cluster_dir / "endpoints.json"
+
+
+def resolve_profile(settings: Settings) -> Settings:
+    """Under the cluster profile: the endpoints of the running cluster for every endpoint setting not set
+    explicitly. Unchanged for the embedded profile, or while the cluster was never started."""
+    if settings.profile != "cluster":
+        return settings
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        endpoints = json.loads(endpoints_file(settings).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return settings
+    update = {k: endpoints[k] for k in ENDPOINT_FIELDS if k in endpoints and k not in settings.model_fields_set}
+    return settings.model_copy(update=update)
+
+
+def site_environment(settings: Settings) -> dict[str, str]:
+    """The ``SOP_…`` variables that point a process on another machine at this deployment: what `sop run`
+    gives its processor, learner and actors under the cluster profile, and what docs/deploy.md sets by hand."""
+    env = {"SOP_KAFKA_BOOTSTRAP": settings.bootstrap(), "SOP_MLFLOW_TRACKING_URI": settings.tracking_uri,
+           "SOP_LAKE_URI": settings.lake_root, "SOP_TOPIC_PREFIX": settings.topic_prefix,
+           "SOP_TOPIC_REPLICATION_FACTOR": str(settings.replication_factor)}
+    if settings.min_insync_replicas is not None:
+        env["SOP_TOPIC_MIN_INSYNC_REPLICAS"] = str(settings.min_insync_replicas)
+    if settings.lake_storage_options:
+        env["SOP_LAKE_STORAGE_OPTIONS"] = json.dumps(settings.lake_storage_options)
+    if settings.kafka_client_config:
+        env["SOP_KAFKA_CLIENT_CONFIG"] = json.dumps(settings.kafka_client_config)
+    return env
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment (and explicit overrides); raise :class:`SettingsError` on bad input.
+    ``profile=None`` is dropped (a command's ``--profile`` left unset: SOP_PROFILE or the default decides)."""
+    if overrides.get("profile", "") is None:
+        overrides.pop("profile")
+    try:
+        return resolve_profile(Settings(**overrides))  # type: ignore[arg-type]
     except ValidationError as exc:
         raise settings_error(exc) from None

@@ -1,12 +1,26 @@
-"""The local stack as `sop up` / `sop down` / `sop status` and the test fixtures see it."""
+"""The local stack as `sop up` / `sop down` / `sop status` and the test fixtures see it, in two profiles.
+
+- ``embedded`` (the default): one KRaft broker, MLflow on SQLite with local artifacts, the lake on local disk.
+- ``cluster``: what a small production site runs, on loopback — three KRaft brokers (a controller quorum of three;
+  topics with replication factor 3 and ``min.insync.replicas=2``), a SeaweedFS S3 server holding the Delta tables
+  and MLflow's artifacts in one bucket, and ``mlflow server`` on a PostgreSQL backend store with artifacts proxied
+  to that bucket. Its endpoints go to ``<run_dir>/cluster/endpoints.json``; every other command reads them under
+  ``--profile cluster`` (:func:`sop.settings.resolve_profile`), and a machine elsewhere sets the same settings by hand
+  (:func:`sop.settings.site_environment`, docs/deploy.md).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 
 from infra import KafkaBrokerConfig, LocalKafka, LocalMlflow, MlflowConfig, ensure_topics
-from infra.kafka import wait_until_ready
-from sop.settings import Settings
+from infra.kafka import KafkaCluster, KafkaClusterConfig, wait_until_ready
+from infra.mlflow_local import MlflowServer, MlflowServerConfig, ensure_experiment
+from infra.objectstore import LocalObjectStore, ObjectStoreConfig
+from infra.postgres import LocalPostgres, PostgresConfig
+from sop.settings import Settings, endpoints_file, resolve_profile
 
 
 def local_kafka(settings: Settings) -> LocalKafka:
@@ -21,17 +35,58 @@ def local_mlflow(settings: Settings) -> LocalMlflow:
 
 
 @dataclass
+class Cluster:
+    """The services of the cluster profile (none is started by building this)."""
+
+    kafka: KafkaCluster
+    s3: LocalObjectStore
+    postgres: LocalPostgres
+    mlflow: MlflowServer
+    bucket: str
+
+    @property
+    def lake_uri(self) -> str:
+        return f"s3://{self.bucket}/lake"
+
+    @property
+    def artifacts_destination(self) -> str:
+        return f"s3://{self.bucket}/mlartifacts"
+
+
+def local_cluster(settings: Settings) -> Cluster:
+    root = settings.cluster_dir
+    kafka = KafkaCluster(KafkaClusterConfig(
+        data_dir=root / "kafka", nodes=settings.cluster_kafka_nodes, version=settings.kafka_version,
+        first_port=settings.kafka_port, heap_mb=settings.cluster_kafka_heap_mb,
+        max_message_bytes=settings.max_message_bytes,
+        min_insync_replicas=min(2, settings.cluster_kafka_nodes)))
+    s3 = LocalObjectStore(ObjectStoreConfig(data_dir=root / "s3"))
+    postgres = LocalPostgres(PostgresConfig(data_dir=root / "postgres"))
+    # the database URI (its password) and the bucket's keys are known once those services were set up:
+    # _cluster_up fills them in
+    mlflow = MlflowServer(MlflowServerConfig(
+        state_dir=root / "mlflow", backend_store_uri="",
+        artifacts_destination=f"s3://{settings.cluster_bucket}/mlartifacts", artifact_env={}))
+    return Cluster(kafka=kafka, s3=s3, postgres=postgres, mlflow=mlflow, bucket=settings.cluster_bucket)
+
+
+@dataclass
 class StackInfo:
     bootstrap: str
     external_kafka: bool
     topics_created: list[str]
     tracking_uri: str
     ui_url: str | None
+    profile: str = "embedded"
+    settings: Settings | None = None  # resolved: under the cluster profile, with the cluster's endpoints
+    parts: dict[str, str] = field(default_factory=dict)  # service -> where (cluster profile)
 
 
 def up(settings: Settings, *, ui: bool = False) -> StackInfo:
     """Start what is not running yet (idempotent) and make sure topics and the MLflow experiment exist."""
     settings.run_path.mkdir(parents=True, exist_ok=True)
+    if settings.profile == "cluster":
+        return _cluster_up(settings)
     if settings.kafka_bootstrap:
         bootstrap = settings.kafka_bootstrap
         wait_until_ready(bootstrap, timeout_s=30, client_config=settings.kafka_client_config)
@@ -42,8 +97,76 @@ def up(settings: Settings, *, ui: bool = False) -> StackInfo:
     mlflow.init()
     url = mlflow.serve_ui() if ui else None
     return StackInfo(bootstrap=bootstrap, external_kafka=bool(settings.kafka_bootstrap), topics_created=created,
-                     tracking_uri=settings.tracking_uri, ui_url=url)
+                     tracking_uri=settings.tracking_uri, ui_url=url, settings=settings)
+
+
+def _cluster_up(settings: Settings) -> StackInfo:
+    """Brokers (started first, they take longest), S3 server and bucket, PostgreSQL, the MLflow server; then the
+    endpoints file, the topics and the experiment."""
+    cluster = local_cluster(settings)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sop-kafka-cluster") as pool:
+        brokers = pool.submit(cluster.kafka.start)
+        try:
+            cluster.s3.start()
+            cluster.s3.ensure_bucket(cluster.bucket)
+            database = cluster.postgres.start()
+            opts = cluster.s3.storage_options()
+            # the server alone reaches the bucket (boto3 reads these); clients see only its HTTP API
+            artifact_env = {"MLFLOW_S3_ENDPOINT_URL": opts["AWS_ENDPOINT_URL"],
+                            "AWS_ACCESS_KEY_ID": opts["AWS_ACCESS_KEY_ID"],
+                            "AWS_SECRET_ACCESS_KEY": opts["AWS_SECRET_ACCESS_KEY"],
+                            "AWS_DEFAULT_REGION": opts["AWS_REGION"]}
+            server = MlflowServer(replace(cluster.mlflow.config, backend_store_uri=database, artifact_env=artifact_env))
+            tracking = server.start()
+        finally:
+            bootstrap = brokers.result()  # raises what the brokers' start raised
+    endpoints = {"kafka_bootstrap": bootstrap, "mlflow_tracking_uri": tracking, "lake_uri": cluster.lake_uri,
+                 "lake_storage_options": cluster.s3.storage_options(), "s3_endpoint": cluster.s3.endpoint,
+                 "bucket": cluster.bucket, "artifacts_destination": cluster.artifacts_destination,
+                 "kafka_nodes": settings.cluster_kafka_nodes}
+    path = endpoints_file(settings)
+    path.write_text(json.dumps(endpoints, indent=2))
+    path.chmod(0o600)  # it holds the object store's keys
+    resolved = resolve_profile(settings)
+    created = ensure_topics(bootstrap, resolved.topic_specs(), client_config=resolved.kafka_client_config)
+    ensure_experiment(tracking, None)  # artifacts: the server's proxied store (mlflow-artifacts:/)
+    parts = {"kafka": f"{settings.cluster_kafka_nodes} brokers {bootstrap}", "s3": cluster.s3.endpoint,
+             "lake": cluster.lake_uri, "postgres": _without_password(cluster.postgres.uri), "mlflow": tracking,
+             "artifacts": cluster.artifacts_destination}
+    return StackInfo(bootstrap=bootstrap, external_kafka=False, topics_created=created, tracking_uri=tracking,
+                     ui_url=tracking, profile="cluster", settings=resolved, parts=parts)
+
+
+def _without_password(uri: str) -> str:
+    head, _, tail = uri.partition("@")
+    return f"{head.rsplit(':', 1)[0]}:***@{tail}" if tail else uri
 
 
 def down(settings: Settings) -> dict[str, bool]:
+    if settings.profile == "cluster":
+        cluster = local_cluster(settings)
+        stopped = {"mlflow-server": cluster.mlflow.stop()}  # first: it holds connections to the others
+        with ThreadPoolExecutor(max_workers=3, thread_name_prefix="sop-down") as pool:
+            futures = {"postgres": pool.submit(cluster.postgres.stop), "s3": pool.submit(cluster.s3.stop),
+                       "kafka": pool.submit(cluster.kafka.stop)}
+            stopped.update({name: f.result() for name, f in futures.items()})
+        return stopped
     return {"mlflow-ui": local_mlflow(settings).stop_ui(), "kafka": local_kafka(settings).stop()}
+
+
+def cluster_status(settings: Settings) -> dict[str, tuple[str, str]]:
+    """Service -> (state, where) for the cluster profile."""
+    cluster = local_cluster(settings)
+    out: dict[str, tuple[str, str]] = {}
+    layout = cluster.kafka.layout_file.exists()
+    for i in cluster.kafka.node_ids:
+        st = cluster.kafka.node(i).state() if layout else None
+        out[f"kafka node {i}"] = ("running", st["bootstrap"]) if st else ("stopped", "-")
+    s3 = cluster.s3.state()
+    out["s3 (seaweedfs)"] = ("running", f"{cluster.s3.endpoint} bucket {cluster.bucket}") if s3 else ("stopped", "-")
+    pg = cluster.postgres.pid()
+    out["postgres"] = ("running", _without_password(cluster.postgres.uri)) if pg else ("stopped", "-")
+    ml = cluster.mlflow.state()
+    out["mlflow server"] = ("running", cluster.mlflow.url) if ml else ("stopped", "-")
+    return out
+

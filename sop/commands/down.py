@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import click
 
+from sop.cli_options import PROFILE_OPTION
 from sop.settings import load_settings
 from sop.stack import down
 
 
 @click.command("down")
-def command() -> None:
-    """Stop the local Kafka broker and the MLflow UI cleanly."""
-    stopped = down(load_settings())
+@PROFILE_OPTION
+def command(profile: str | None) -> None:
+    """Stop the local stack cleanly (the brokers, the MLflow UI or server; the cluster's S3 server and PostgreSQL)."""
+    stopped = down(load_settings(profile=profile))
     for name, was_running in stopped.items():
         click.echo(f"{name}: {'stopped' if was_running else 'not running'}")

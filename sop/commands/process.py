@@ -36,6 +36,8 @@ def processor_config(settings: Settings, **overrides: object):  # noqa: ANN201 -
     kwargs = dict(
         validator=validator,
         bootstrap=bootstrap, topics=settings.topics, partitions=next(iter(counts.values())),
+        client_config=settings.kafka_client_config, replication_factor=settings.replication_factor,
+        min_insync_replicas=settings.min_insync_replicas, control_retention_ms=settings.retention_ms,
         lake_root=settings.lake_root, lake_storage_options=settings.lake_storage_options,
         group_id=settings.processor_group, datadir=settings.run_path / "processor",
         flush_interval_s=settings.processor_flush_interval_s, end_grace_s=settings.processor_end_grace_s,

@@ -26,7 +26,8 @@ from confluent_kafka.admin import AdminClient
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sop.settings import Settings, load_settings
+from lakehouse.tables import same_root
+from sop.settings import Settings, load_settings, site_environment
 
 SOURCES = ("Step", "EpisodeEvent", "InterventionEvent")
 
@@ -78,8 +79,8 @@ def replay_kafka(from_: str, to: str, into: str, c_fail: float | None, advantage
                  timeout_s: float) -> None:
     """Re-process the topics' history into a fresh set of tables, without touching the live ones."""
     settings = load_settings()
-    if Path(into).resolve() == Path(settings.lake_root).resolve():
-        raise click.BadParameter("--into is the live lake; give a new table root")
+    if same_root(into, settings.lake_root):
+        raise click.BadParameter(f"--into {into} is the live lake ({settings.lake_root}); give a new table root")
     console = Console()
     report = replay_into(settings, into=into, from_=from_, to=to, c_fail=c_fail,
                          advantage_horizon=advantage_horizon, timeout_s=timeout_s, console=console)
@@ -106,7 +107,9 @@ def replay_into(settings: Settings, *, into: str, from_: str = "beginning", to: 
     total = sum(max(0, ends[t][p] - starts[t][p]) for t in starts for p in starts[t])
     stop_file = Path(tempfile.mkstemp(prefix="sop-replay-stop-", suffix=".json")[1])
     stop_file.write_text(json.dumps(ends))
-    env = {**os.environ, "SOP_PROCESSOR_GROUP": group, "SOP_LAKE_URI": str(into),
+    # the child gets every endpoint setting explicitly (under the cluster profile they came from its endpoints
+    # file, not from this environment): the same Kafka client config, registry, storage options
+    env = {**os.environ, **site_environment(settings), "SOP_PROCESSOR_GROUP": group, "SOP_LAKE_URI": str(into),
            "SOP_PROCESSOR_ABORT_TIMEOUT_S": str(max(timeout_s, 3600)), "SOP_KAFKA_BOOTSTRAP": bootstrap,
            "SOP_PROCESSOR_CLOCK_SKEW_PAST_S": "0"}  # history is old by definition: no past bound on event times
     if c_fail is not None:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import click
 from rich.console import Console
 
+from sop.cli_options import PROFILE_OPTION
 from sop.loop import ClosedLoop, LoopConfig
 from sop.settings import load_settings
 
 
 @click.command("run")
+@PROFILE_OPTION
+@click.option("--processors", type=int, default=None,
+              help="Stream processor workers in one consumer group (default: 2 under the cluster profile, else 1).")
 @click.option("--actors", default=2, show_default=True, help="Robots in the simulated fleet.")
 @click.option("--minutes", default=30.0, show_default=True, help="Wall-clock budget of the online phase.")
 @click.option("--target-success", type=float, default=None, help="Stop early when every task's recent success reaches this.")
@@ -23,13 +27,15 @@ from sop.settings import load_settings
 @click.option("--learn/--no-learn", "learn_online", default=True, show_default=True,
               help="--no-learn: collect with the frozen champion only (train afterwards with `sop learn`).")
 @click.option("--keep-stack", is_flag=True, help="Leave Kafka running afterwards (`sop down` stops it).")
-def command(actors: int, minutes: float, target_success: float | None, algorithm: str, sampler: str,
-            tasks: str | None, hz: float, operator: bool, demos_per_task: int | None, learn_online: bool,
-            keep_stack: bool) -> None:
+def command(profile: str | None, processors: int | None, actors: int, minutes: float, target_success: float | None,
+            algorithm: str, sampler: str, tasks: str | None, hz: float, operator: bool, demos_per_task: int | None,
+            learn_online: bool, keep_stack: bool) -> None:
     """Stack up, demonstrations and base policy if missing, processor + learner + N actors, live view, report."""
-    settings = load_settings()
+    settings = load_settings(profile=profile)
+    if processors is None:
+        processors = 2 if settings.profile == "cluster" else 1
     try:
-        config = LoopConfig(actors=actors, duration_s=minutes * 60, target_success=target_success,
+        config = LoopConfig(processors=processors, actors=actors, duration_s=minutes * 60, target_success=target_success,
                             algorithm=algorithm, sampler=sampler, tasks=tuple(tasks.split(",")) if tasks else None,
                             hz=hz, operator=operator, demos_per_task=demos_per_task, learn_online=learn_online,
                             keep_stack=keep_stack)

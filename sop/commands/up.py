@@ -1,26 +1,43 @@
-"""`sop up`: start the local stack (Kafka broker, topics, MLflow registry); harmless to run twice."""
+"""`sop up`: start the local stack (Kafka, topics, MLflow registry; the cluster profile also S3 and PostgreSQL);
+harmless to run twice."""
 
 from __future__ import annotations
+
+import shlex
 
 import click
 from rich.console import Console
 
-from sop.settings import load_settings
+from sop.cli_options import PROFILE_OPTION
+from sop.settings import load_settings, site_environment
 from sop.stack import up
 
 
 @click.command("up")
-@click.option("--ui", is_flag=True, help="Also serve the MLflow UI on loopback (SOP_MLFLOW_UI_PORT).")
-def command(ui: bool) -> None:
-    """Start the local stack: one KRaft Kafka broker, the topics, the MLflow registry."""
-    settings = load_settings()
+@PROFILE_OPTION
+@click.option("--ui", is_flag=True, help="Also serve the MLflow UI on loopback (SOP_MLFLOW_UI_PORT; the cluster "
+                                         "profile's MLflow server is its UI).")
+@click.option("--print-env", is_flag=True, help="Print the SOP_ settings that point another machine at this stack.")
+def command(profile: str | None, ui: bool, print_env: bool) -> None:
+    """Start the local stack: the brokers, the topics, the MLflow registry (and, for the cluster profile, the S3
+    server and PostgreSQL)."""
+    settings = load_settings(profile=profile)
     console = Console()
-    with console.status("starting the local stack (first run resolves the Kafka jars with Maven)…"):
+    first = ("first run resolves the Kafka jars with Maven" if settings.profile == "embedded"
+             else "3 brokers, S3 server, PostgreSQL, MLflow server; the first run builds SeaweedFS")
+    with console.status(f"starting the local stack ({settings.profile}; {first})…"):
         info = up(settings, ui=ui)
-    console.print(f"[green]kafka[/]  {info.bootstrap}{' (external)' if info.external_kafka else ''}")
+    if info.profile == "cluster":
+        for part, where in info.parts.items():
+            console.print(f"[green]{part:<9}[/] {where}")
+    else:
+        console.print(f"[green]kafka[/]  {info.bootstrap}{' (external)' if info.external_kafka else ''}")
+        console.print(f"[green]mlflow[/] {info.tracking_uri}")
     if info.topics_created:
         console.print(f"[green]topics[/] created {', '.join(info.topics_created)}")
-    console.print(f"[green]mlflow[/] {info.tracking_uri}")
     if info.ui_url:
         console.print(f"[green]ui[/]     {info.ui_url}")
     console.print(f"run directory: {settings.run_path}")
+    if print_env and info.settings is not None:
+        for name, value in site_environment(info.settings).items():
+            click.echo(f"export {name}={shlex.quote(value)}")

@@ -13,3 +13,28 @@ def test_cluster_ids_never_start_with_a_dash(monkeypatch) -> None:
     assert not cluster_id.startswith("-")
     assert cluster_id.startswith("E")  # the second draw
     assert len(cluster_id) == 22
+
+
+def test_topic_specs_carry_replication_and_refuse_an_impossible_min_isr() -> None:
+    import pytest
+
+    spec = kafka.TopicSpec(name="t", replication_factor=3, min_insync_replicas=2, retention_ms=1000)
+    assert spec.config()["min.insync.replicas"] == "2" and spec.config()["retention.ms"] == "1000"
+    assert "min.insync.replicas" not in kafka.TopicSpec(name="t").config()
+    with pytest.raises(kafka.StackError, match="min.insync.replicas"):
+        kafka.TopicSpec(name="t", replication_factor=1, min_insync_replicas=2)
+
+
+def test_cluster_nodes_share_one_quorum_and_replicate_internal_topics(tmp_path) -> None:
+    cluster = kafka.KafkaCluster(kafka.KafkaClusterConfig(data_dir=tmp_path, nodes=3, first_port=19092))
+    nodes = [cluster.node(i) for i in cluster.node_ids]
+    assert cluster.bootstrap_servers == "127.0.0.1:19092,127.0.0.1:19093,127.0.0.1:19094"
+    assert len({n.config.voters for n in nodes}) == 1 and nodes[0].config.voters.count("@") == 3
+    assert len({n.config.cluster_id for n in nodes}) == 1
+    props = kafka._server_properties(nodes[1].config, {"port": 19093, "controller_port": 29093}, tmp_path / "log")
+    for line in ("node.id=2", "default.replication.factor=3", "min.insync.replicas=2",
+                 "offsets.topic.replication.factor=3", "transaction.state.log.min.isr=2",
+                 f"controller.quorum.voters={nodes[0].config.voters}"):
+        assert line in props.splitlines(), line
+    again = kafka.KafkaCluster(kafka.KafkaClusterConfig(data_dir=tmp_path, nodes=3, first_port=19092))
+    assert again.node(3).config.controller_port == nodes[2].config.controller_port  # the layout is kept

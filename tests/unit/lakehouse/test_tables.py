@@ -197,3 +197,19 @@ def test_a_table_made_before_a_nested_field_existed_gains_it(tmp_path) -> None: 
     DeltaTable.create(str(tmp_path / "steps"), old, partition_by=list(spec.partition_by))
     table = Lakehouse(tmp_path).table("steps")
     assert tables.arrow_schema(table).field("images").type == tables.IMAGES
+
+
+@pytest.mark.parametrize(("a", "b", "same"), [
+    ("s3://sop/lake", "s3://sop/lake/", True),
+    ("s3://sop/lake", "S3://SOP//lake", True),
+    ("s3a://sop/lake", "s3://sop/lake", True),
+    ("s3://sop/lake", "s3://sop/lake2", False),
+    ("s3://sop/lake", "s3://other/lake", False),
+    ("/data/lake", "/data/./lake/", True),
+    ("/data/lake", "file:///data/lake", True),
+    ("/data/lake", "s3://data/lake", False),
+])
+def test_same_root_compares_paths_and_uris(a: str, b: str, same: bool) -> None:
+    from lakehouse.tables import same_root
+
+    assert same_root(a, b) is same

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from sop.settings import SettingsError, load_settings
@@ -15,11 +17,13 @@ def test_defaults_and_derived_names(monkeypatch, tmp_path) -> None:
 
 def test_environment_overrides(monkeypatch) -> None:
     monkeypatch.setenv("SOP_TOPIC_PREFIX", "fleet7.")
-    monkeypatch.setenv("SOP_KAFKA_CLIENT_CONFIG", '{"security.protocol": "SASL_SSL"}')
+    sasl = {"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "u",
+            "sasl.password": "p"}
+    monkeypatch.setenv("SOP_KAFKA_CLIENT_CONFIG", json.dumps(sasl))
     monkeypatch.setenv("SOP_TOPIC_PARTITIONS", "12")
     s = load_settings()
     assert s.topic("steps") == "fleet7.steps"
-    assert s.kafka_client_config == {"security.protocol": "SASL_SSL"}
+    assert s.kafka_client_config == sasl
     assert all(t.partitions == 12 for t in s.topic_specs())
 
 
@@ -36,3 +40,41 @@ def test_no_broker_says_what_to_do(monkeypatch, tmp_path) -> None:
     monkeypatch.delenv("SOP_KAFKA_BOOTSTRAP", raising=False)
     with pytest.raises(SettingsError, match="sop up"):
         load_settings().bootstrap()
+
+
+def test_cluster_profile_replicates_and_takes_the_endpoints_it_started(monkeypatch, tmp_path) -> None:
+    from sop.settings import endpoints_file, site_environment
+
+    monkeypatch.setenv("SOP_RUN_DIR", str(tmp_path))
+    s = load_settings(profile="cluster")
+    assert (s.replication_factor, s.min_insync_replicas) == (3, 2)
+    assert {(t.replication_factor, t.min_insync_replicas) for t in s.topic_specs()} == {(3, 2)}
+    with pytest.raises(SettingsError, match="sop up --profile cluster"):
+        s.bootstrap()
+    endpoints_file(s).parent.mkdir(parents=True)
+    endpoints_file(s).write_text(json.dumps({
+        "kafka_bootstrap": "127.0.0.1:1,127.0.0.1:2,127.0.0.1:3", "mlflow_tracking_uri": "http://127.0.0.1:5",
+        "lake_uri": "s3://sop/lake", "lake_storage_options": {"AWS_ENDPOINT_URL": "http://127.0.0.1:6"}}))
+    monkeypatch.setenv("SOP_LAKE_URI", "s3://other/lake")  # set explicitly: wins over the endpoints
+    s = load_settings(profile="cluster")
+    assert s.bootstrap() == "127.0.0.1:1,127.0.0.1:2,127.0.0.1:3" and s.tracking_uri == "http://127.0.0.1:5"
+    assert s.lake_root == "s3://other/lake" and s.lake_storage_options == {"AWS_ENDPOINT_URL": "http://127.0.0.1:6"}
+    env = site_environment(s)
+    assert env["SOP_TOPIC_REPLICATION_FACTOR"] == "3" and env["SOP_TOPIC_MIN_INSYNC_REPLICAS"] == "2"
+    assert json.loads(env["SOP_LAKE_STORAGE_OPTIONS"]) == {"AWS_ENDPOINT_URL": "http://127.0.0.1:6"}
+    embedded = load_settings()  # the same run directory, the embedded profile: no endpoints taken over
+    assert embedded.replication_factor == 1 and embedded.min_insync_replicas is None
+    assert embedded.tracking_uri.startswith("sqlite:///")
+
+
+def test_replication_settings_are_checked_together(monkeypatch) -> None:
+    monkeypatch.setenv("SOP_TOPIC_REPLICATION_FACTOR", "2")
+    monkeypatch.setenv("SOP_TOPIC_MIN_INSYNC_REPLICAS", "3")
+    with pytest.raises(SettingsError, match="SOP_TOPIC_MIN_INSYNC_REPLICAS"):
+        load_settings()
+
+
+def test_a_client_setting_not_every_client_honours_is_refused_at_start(monkeypatch) -> None:
+    monkeypatch.setenv("SOP_KAFKA_CLIENT_CONFIG", '{"debug": "all"}')
+    with pytest.raises(SettingsError, match="SOP_KAFKA_CLIENT_CONFIG.*'debug'"):
+        load_settings()
