@@ -310,6 +310,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Shell]:
     # re-read) must not release the other, still held.
     held: dict[Any, Counter[int]] = defaultdict(Counter)
     commit_guard.install(lambda tp: held.get(tp, ()))
+    commit_guard.install_drain()
     commit_guard.install_rewind(config.topics[k] for k in ("Step", "EpisodeEvent", "InterventionEvent"))
     config.datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(

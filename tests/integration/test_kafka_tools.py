@@ -65,6 +65,7 @@ def test_topics_groups_and_console_consumer(kafka, topics, tmp_path: Path) -> No
 
 def test_a_client_setting_without_a_java_name_is_an_error(kafka, topics, tmp_path: Path,  # noqa: ANN001
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SOP_KAFKA_CLIENT_CONFIG", '{"enable.ssl.certificate.verification": "false"}')
+    monkeypatch.setenv("SOP_KAFKA_CLIENT_CONFIG",  # valid for every Python client, not expressible in Java properties
+                       '{"security.protocol": "SSL", "enable.ssl.certificate.verification": "false"}')
     result = sop_kafka("topics", kafka=kafka, topics=topics, run_dir=tmp_path)
     assert result.returncode == 1 and "enable.ssl.certificate.verification cannot be translated" in result.stderr
