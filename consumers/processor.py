@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from consumers.machine import (
     Validator,
     build_rows,
 )
+from consumers.metrics import CLOSE_REASONS, ProcessorMetrics
 from consumers.values import RegistryValueSource
 from infra.kafka_client import aiokafka_settings
 from lakehouse import Lakehouse
@@ -162,6 +164,8 @@ class Metrics:
     last_flush_s: float = 0.0
     commit_latency_s: list[float] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
+    events_in: Counter[str] = field(default_factory=Counter)  # topic -> every event read from it
+    lag: dict[str, dict[str, int]] = field(default_factory=dict)  # topic -> partition -> not committed yet
 
     def snapshot(self, machine: EpisodeMachine) -> dict:
         lat = sorted(self.commit_latency_s[-500:])
@@ -181,6 +185,8 @@ class Metrics:
             "commit_latency_p50_s": lat[len(lat) // 2] if lat else None,
             "commit_latency_p99_s": lat[int(len(lat) * 0.99)] if lat else None,
             "steps_per_s": c["steps_in"] / max(1e-9, time.time() - self.started_at), "updated_at": time.time(),
+            "events_in": dict(self.events_in), "lag": self.lag,
+            "episodes_closed_by": {r: c[f"episodes_{r}"] for r in CLOSE_REASONS},
         }
 
 
@@ -208,6 +214,8 @@ class Shell:
         self.values = RegistryValueSource(tracking_uri=config.tracking_uri, name=config.value_model_name,
                                           poll_s=config.value_poll_s)
         self.metrics = Metrics()
+        self.prometheus = ProcessorMetrics()  # served by `sop process` (infra.metrics)
+        self.lag: Callable[[], dict[str, dict[str, int]]] | None = None  # set by build_app
         self._last_log = time.monotonic()
         now = time.monotonic()
         self.compaction = {name: CompactionSchedule(last_compaction_at=now,
@@ -250,6 +258,7 @@ class Shell:
             self.compaction[table].record_write(files_added=res.files_added)
         if results:
             self.metrics.commit_latency_s.append(time.monotonic() - t0)
+            self.prometheus.commit(self.metrics.commit_latency_s[-1])
             del self.metrics.commit_latency_s[:-2000]
         self.metrics.value_model_errors += rows.value_errors
 
@@ -264,7 +273,13 @@ class Shell:
                 log.warning("maintenance of %s failed: %s", name, exc)
 
     def write_metrics(self) -> None:
+        if self.lag is not None:
+            try:
+                self.metrics.lag = self.lag()
+            except Exception as exc:  # noqa: BLE001 - metrics never stop ingest
+                log.debug("consumer lag unavailable: %s", exc)
         snap = self.metrics.snapshot(self.machine)
+        self.prometheus.publish(snap)
         now = time.monotonic()
         if now - self._last_log >= 30:
             self._last_log = now
@@ -340,6 +355,21 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Shell]:
                        extra_topic_configs=internal)
     shell = Shell(config, meta=meta, chunks=chunks)
     machine = shell.machine
+    inputs = frozenset(topic_of.values())
+
+    def lag() -> dict[str, dict[str, int]]:
+        """topic -> partition -> high watermark (as last fetched) - committed offset, of the assigned inputs."""
+        out: dict[str, dict[str, int]] = {}
+        committed = getattr(app.consumer, "_committed_offset", {})
+        for tp in app.consumer.assignment():
+            done = committed.get(tp)
+            if tp.topic in inputs and done is not None:
+                high = app.consumer.highwater(tp)
+                if high is not None:
+                    out.setdefault(tp.topic, {})[str(tp.partition)] = max(0, int(high) - int(done))
+        return out
+
+    shell.lag = lag
     # Handles are (event, generation): an acknowledgement decided before the last rebalance (a flush that
     # finished after it, a dead letter delivered after it) must not reach faust, whose commit bookkeeping
     # for the partition restarted from the committed offset.
@@ -389,6 +419,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Shell]:
             async for event in stream.noack().events():
                 msg = event.message
                 held[msg.tp][msg.offset] += 1
+                shell.metrics.events_in[msg.topic] += 1
                 inbound = Inbound(kind=kind, partition=msg.partition, offset=msg.offset, value=msg.value,
                                   key=msg.key, timestamp_ms=int(msg.timestamp * 1000) if msg.timestamp else None,
                                   handle=(event, generation[0]))

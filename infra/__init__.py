@@ -9,6 +9,8 @@ The cluster profile's services: :class:`infra.kafka.KafkaCluster` (three combine
 KRaft quorum), :class:`infra.objectstore.LocalObjectStore` (SeaweedFS S3, built once from its Go module),
 :class:`infra.postgres.LocalPostgres` and :class:`infra.mlflow_local.MlflowServer` (MLflow on PostgreSQL with
 artifacts proxied to the bucket); :mod:`infra.kafka_client` maps the librdkafka-style client config onto aiokafka.
+:mod:`infra.metrics` serves a process's own Prometheus registry over HTTP, announces it in the run directory and
+reads endpoints back (`sop status`); the metric families themselves belong to the stage that counts them.
 
     broker = LocalKafka(KafkaBrokerConfig(data_dir=run_dir / "kafka"))
     bootstrap = broker.start()             # formats storage if needed, waits until it answers

@@ -29,6 +29,7 @@ Modules (import them directly; this file imports nothing, so a light module stay
 - ``pretrain``    ``pretrain_policy`` (behaviour cloning on demonstrations), ``pretrain_value``
 - ``ddp``         DistributedDataParallel under torchrun (gloo on CPU, NCCL on GPU)
 - ``synthetic``   step rows shaped like the tables, ``HashEmbedder``: for tests and benchmarks
+- ``metrics``     ``LearnerMetrics``: the learner's Prometheus registry (step time, data wait, ω_on, versions, quarantine)
 
 ``run_learning`` does all of the following; the loop, by hand::
 

@@ -44,6 +44,7 @@ from learner.batch import BatchBuilder
 from learner.config import ConfigError, ModelConfig, RecapConfig, SamplerConfig, TrainConfig, to_dict
 from learner.ddp import DDPPolicy, DistInfo, any_rank, barrier, broadcast
 from learner.feeder import DeltaFeeder, FeederConfig, wait_for_rows
+from learner.metrics import LearnerMetrics
 from learner.model import VLAPolicy
 from learner.promotion import GateConfig, PromotionGate, pinned, promote
 from learner.quarantine import RowSpec
@@ -228,8 +229,10 @@ class _Publishing:
 def run_learning(config: LearnConfig, *, lake: Lakehouse, tracking_uri: str | None, text: TextEmbedder,
                  status_path: Path | None = None, stop: threading.Event | None = None,
                  dist_info: DistInfo | None = None,
-                 on_status: Callable[[dict[str, Any]], None] | None = None) -> LearnSummary:
-    """Learn until stopped (see the module doc); returns what happened."""
+                 on_status: Callable[[dict[str, Any]], None] | None = None,
+                 prometheus: LearnerMetrics | None = None) -> LearnSummary:
+    """Learn until stopped (see the module doc); returns what happened. ``prometheus``: observed after every step
+    and given every status (rank 0's is what `sop learn` serves)."""
     stop = stop or threading.Event()
     info = dist_info
     main = info is None or info.is_main
@@ -279,6 +282,8 @@ def run_learning(config: LearnConfig, *, lake: Lakehouse, tracking_uri: str | No
             write_status(status_path, status)
         if main and on_status is not None:
             on_status(dict(status))
+        if main and prometheus is not None:
+            prometheus.publish(status)
 
     emit()
     feeder.load_initial()
@@ -343,6 +348,8 @@ def run_learning(config: LearnConfig, *, lake: Lakehouse, tracking_uri: str | No
                 break
             metrics = learner.step()
             done += 1
+            if prometheus is not None:
+                prometheus.on_step(metrics)
             window_steps += 1
             if isinstance(algorithm, Recap) and learner.steps % config.refresh_epsilons_every == 0:
                 algorithm.refresh_epsilons(sampler.advantages())

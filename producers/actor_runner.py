@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from producers.actor import Actor, ActorConfig
 from producers.fleet import DONE, FAILED, RUNNING, STOPPING, ActorMonitor, ActorStatus
 from producers.interfaces import EpisodeStats, Operator, Robot
+from producers.metrics import ActorMetrics
 from producers.publisher import EventPublisher, PublisherStats
 from producers.registry_source import (
     NoPolicyYetError,
@@ -83,11 +84,12 @@ class ActorOutcome:
 
 def run_robot_process(config: RunnerConfig, *, make_robots: Callable[[], Sequence[Robot]],
                       operator: Operator | None, make_publisher: Callable[[Callable[[Any], None]], EventPublisher],
-                      reporter: Reporter, stop_event: threading.Event | None = None) -> ActorOutcome:
+                      reporter: Reporter, stop_event: threading.Event | None = None,
+                      metrics: ActorMetrics | None = None) -> ActorOutcome:
     """Run one actor until its episodes or duration are done, or ``stop_event`` is set (SIGINT/SIGTERM set it
     when this runs in the main thread). Raises ``NoPolicyYetError`` (after writing the status file) when no
     version became loadable in ``policy_wait_s``; errors of ``make_publisher`` (e.g. a bad spool) propagate.
-    The robots are closed at the end."""
+    The robots are closed at the end. ``metrics`` (an endpoint's registry) gets every status, the last one too."""
     stop = stop_event or threading.Event()
     actor_id = config.actor.actor_id
     robots: Sequence[Robot] = []
@@ -154,6 +156,8 @@ def run_robot_process(config: RunnerConfig, *, make_robots: Callable[[], Sequenc
                 shown_refusals = len(source.refusals)
                 if config.status_file is not None:
                     status.write(config.status_file)
+                if metrics is not None:
+                    metrics.publish(status, publisher.stats, refusals=source.refused_count)
                 reporter.status(status, publisher.stats)
         error = None
         if crashed:
@@ -164,6 +168,8 @@ def run_robot_process(config: RunnerConfig, *, make_robots: Callable[[], Sequenc
         final.error = error
         if config.status_file is not None:
             final.write(config.status_file)
+        if metrics is not None:
+            metrics.publish(final, publisher.stats, refusals=source.refused_count)
         return ActorOutcome(final, undelivered, error, delivery_failures=failures, publisher=publisher.stats,
                             spool_directory=publisher.spool_directory)
     except NoPolicyYetError as exc:

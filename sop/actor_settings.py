@@ -18,7 +18,7 @@ from producers.images import DEFAULT_JPEG_QUALITY
 from producers.spool import SpoolConfig
 from sim.operator import OperatorConfig
 from sim.tasks import DEFAULT_SUITE
-from sop.settings import SettingsError, settings_error
+from sop.settings import MetricsPort, SettingsError, settings_error
 
 CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
 
@@ -42,6 +42,9 @@ class ActorSettings(BaseSettings):
     actor_expert_noise: float = Field(0.2, ge=0, le=2, description="Noise of the scripted-expert stand-in policy.")
     actor_status_interval_s: float = Field(0.5, gt=0, le=60, description="Refresh of the live view / status file.")
     actor_flush_timeout_s: float = Field(60.0, gt=0, description="How long shutdown waits for Kafka acks.")
+    actor_metrics_port: MetricsPort = Field(0, description=(
+        "Port of the actor's Prometheus endpoint: N, 0 = any free port, or off (`sop fleet` and `sop run` give "
+        "actor i the port N + i)."))
 
     # the on-disk spool of the publisher (producers/spool.py): where events wait while Kafka is unreachable
     actor_spool: bool = Field(True, description="Spill to disk when Kafka is unreachable (false: RAM queue only).")

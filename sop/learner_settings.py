@@ -22,7 +22,7 @@ from learner.config import (
     ValueConfig,
     from_dict,
 )
-from sop.settings import Settings, SettingsError, settings_error
+from sop.settings import MetricsPort, Settings, SettingsError, settings_error
 
 
 class LearnerSettings(BaseSettings):
@@ -59,6 +59,8 @@ class LearnerSettings(BaseSettings):
     learn_log_every: int = Field(25, ge=1, description="Learner steps between MLflow metric logs.")
     learn_max_steps: int | None = Field(None, ge=0, description="Step budget of one `sop learn`; unset = none.")
     learn_duration_s: float | None = Field(None, gt=0)
+    learn_metrics_port: MetricsPort = Field(0, description=(
+        "Port of the learner's Prometheus endpoint (rank 0): N, 0 = any free port, or off."))
 
     # RECAP
     recap_target_positive_share: float = Field(0.3, gt=0, lt=1)

@@ -23,6 +23,7 @@ from rich.live import Live
 from lakehouse import Lakehouse, query
 from sop import stack
 from sop.live import LiveFeed, episodes_since, gather, kafka_lag, render
+from sop.metrics import plan_ports
 from sop.processes import SopProcess
 from sop.report import write_report
 from sop.settings import Settings, site_environment
@@ -154,10 +155,17 @@ class ClosedLoop:
                            f" = v{_champion(self.settings)}")
 
     def start(self) -> None:
+        from sop.actor_settings import load_actor_settings
+        from sop.learner_settings import load_learner_settings
+
         cfg = self.config
         self.started_at = time.time()
-        for name in self.processor_names:
-            self.children[name] = self._child(name, ["process"]).start()
+        # Prometheus endpoints: a fixed port N gives the i-th processor / actor N + i (0 = any free port, off)
+        ports = plan_ports({"processor": (self.settings.processor_metrics_port, len(self.processor_names)),
+                            "learner": (load_learner_settings().learn_metrics_port, 1),
+                            "actor": (load_actor_settings().actor_metrics_port, cfg.actors)})
+        for name, port in zip(self.processor_names, ports["processor"], strict=True):
+            self.children[name] = self._child(name, ["process"], settings={"processor_metrics_port": port}).start()
         if cfg.learn_online:
             self.children["learner"] = self._child("learner", [
                 "learn", "--algorithm", cfg.algorithm, "--sampler", cfg.sampler, "--quiet", *cfg.learn_args]).start()
@@ -168,7 +176,7 @@ class ClosedLoop:
                 "actor", "--actor-id", aid, "--hz", str(cfg.hz), "--seed-start", str(10_000 + i),
                 "--seed-stride", str(cfg.actors), "--operator" if cfg.operator else "--no-operator",
                 "--no-status", "--status-file", str(self.settings.run_path / "actors" / f"{aid}.json"),
-                *tasks, *cfg.actor_args]).start()
+                *tasks, *cfg.actor_args], settings={"actor_metrics_port": ports["actor"][i]}).start()
 
     @property
     def processor_names(self) -> list[str]:

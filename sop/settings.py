@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infra.kafka import DEFAULT_KAFKA_VERSION, TopicSpec, topic_names
@@ -41,6 +41,23 @@ def settings_error(exc: ValidationError, heading: str = "invalid settings") -> S
             continue
         problems.append(f"SOP_{name.upper()}: {err['msg']} (got {err.get('input')!r})")
     return SettingsError(f"{heading}:\n  " + "\n  ".join(problems))
+
+
+def _metrics_port(value: object) -> int | str:
+    if isinstance(value, str) and value.strip().lower() == "off":
+        return "off"
+    try:
+        port = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise ValueError("must be a port number (0 = any free port) or 'off'") from None
+    if not 0 <= port < 65536:
+        raise ValueError("must be in 0..65535 (0 = any free port) or 'off'")
+    return port
+
+
+# The port of a process's Prometheus endpoint: N, 0 = any free port (announced under <run dir>/metrics for
+# `sop status`), or "off". Used by SOP_PROCESSOR_METRICS_PORT, SOP_LEARN_METRICS_PORT and SOP_ACTOR_METRICS_PORT.
+MetricsPort = Annotated[int | Literal["off"], BeforeValidator(_metrics_port)]
 
 
 class Settings(BaseSettings):
@@ -84,8 +101,14 @@ class Settings(BaseSettings):
     value_model_name: str = "sop-value"
     policy_alias: str = "champion"
 
+    # Prometheus endpoints (infra.metrics): every long-running process serves one
+    metrics_host: str = Field("127.0.0.1", min_length=1, description=(
+        "Address the processes' Prometheus endpoints listen on (0.0.0.0 for a site's Prometheus on another host)."))
+
     # Stream processor
     processor_group: str = "sop-processor"
+    processor_metrics_port: MetricsPort = Field(0, description=(
+        "Port of the processor's Prometheus endpoint: N, 0 = any free port (announced for `sop status`), or off."))
     processor_flush_interval_s: float = Field(0.5, gt=0)
     processor_end_grace_s: float = Field(15.0, gt=0)
     processor_abort_timeout_s: float = Field(120.0, gt=0)

@@ -42,6 +42,7 @@ from rich.text import Text
 from producers.fleet import ActorStatus, rate
 from sim.tasks import ONLINE_SEEDS
 from sop.actor_settings import ActorSettings, load_actor_settings, parse_tasks
+from sop.metrics import serve_metrics
 from sop.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -138,6 +139,7 @@ def run_actor(run: ActorRun, *, settings: Settings, actor_settings: ActorSetting
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from producers.actor import ActorConfig
     from producers.actor_runner import RunnerConfig, run_robot_process
+    from producers.metrics import ActorMetrics
     from producers.plugins import PluginError, load_operator, load_robot
     from producers.registry_source import NoPolicyYetError, RegistrySourceConfig
     from producers.spool import SpoolError
@@ -183,9 +185,16 @@ def run_actor(run: ActorRun, *, settings: Settings, actor_settings: ActorSetting
             operator = GatedExpertOperator(actor_settings.operator_config(), operator_id=f"sim-expert@{run.actor_id}")
         else:
             operator = None
-        outcome = run_robot_process(
-            config, make_robots=make_robots, operator=operator, make_publisher=publisher,
-            reporter=_Terminal(console, run.show_status), stop_event=stop_event)
+        prometheus = ActorMetrics(control_hz=run.control_hz)
+        endpoint = serve_metrics(prometheus.registry, settings=settings, role="actor", name=run.actor_id,
+                                 port=actor_settings.actor_metrics_port, setting="SOP_ACTOR_METRICS_PORT")
+        try:
+            outcome = run_robot_process(
+                config, make_robots=make_robots, operator=operator, make_publisher=publisher,
+                reporter=_Terminal(console, run.show_status), stop_event=stop_event, metrics=prometheus)
+        finally:
+            if endpoint is not None:
+                endpoint.close()
     except (NoPolicyYetError, PluginError) as exc:
         raise click.ClickException(str(exc)) from None
     for line in outcome.delivery_failures[:5]:

@@ -38,6 +38,7 @@ from producers.fleet import (
 from sim.tasks import ONLINE_SEEDS
 from sop.actor_settings import load_actor_settings, parse_tasks
 from sop.commands.actor import ensure_policy, quiet_mlflow
+from sop.metrics import child_ports
 from sop.settings import load_settings
 
 
@@ -119,6 +120,7 @@ def command(actors: int, tasks: str | None, hz: float | None, episodes: int | No
     # Children find the broker without the run directory's broker.json (an external one stays external).
     env = {**os.environ, "SOP_KAFKA_BOOTSTRAP": bootstrap, "SOP_MLFLOW_TRACKING_URI": settings.tracking_uri}
     status_files = {m.actor_id: run_dir / f"{m.actor_id}.json" for m in members}
+    ports = dict(zip(status_files, child_ports(actor_settings.actor_metrics_port, len(members)), strict=True))
     fleet = ProcessFleet()
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -129,7 +131,8 @@ def command(actors: int, tasks: str | None, hz: float | None, episodes: int | No
                                                hz=actor_settings.actor_control_hz if hz is None else hz,
                                                episodes=episodes, duration_s=duration_s, operator=operator,
                                                image_size=image_size),
-                        env=env, log_path=run_dir / f"{m.actor_id}.log")
+                        env={**env, "SOP_ACTOR_METRICS_PORT": str(ports[m.actor_id])},
+                        log_path=run_dir / f"{m.actor_id}.log")
             for m in members
         ]
         console.print(f"started {len(processes)} actors; logs and status in {run_dir}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 import time
 from typing import Any
@@ -22,6 +23,7 @@ from sop.learner_settings import (
     quiet_mlflow,
     text_encoder,
 )
+from sop.metrics import serve_metrics
 from sop.settings import SettingsError, load_settings
 
 
@@ -49,6 +51,7 @@ def command(algorithm: str | None, max_steps: int | None, duration_s: float | No
     """Learn continuously from the Delta tables and publish `sop-policy` versions (Ctrl-C stops cleanly)."""
     from learner.ddp import init_from_env, shutdown
     from learner.feeder import FeederConfig
+    from learner.metrics import LearnerMetrics
     from learner.online import LearnConfig, NoTrainingData, run_learning
     from learner.promotion import GateConfig
 
@@ -102,16 +105,23 @@ def command(algorithm: str | None, max_steps: int | None, duration_s: float | No
             console.print(status_line(status), highlight=False)
 
     status_path = shared.run_path / "learner" / "status.json"
+    prometheus = LearnerMetrics() if main else None
+    endpoint = None if prometheus is None else serve_metrics(
+        prometheus.registry, settings=shared, role="learner", name=f"learner@{socket.gethostname()}",
+        port=settings.learn_metrics_port, setting="SOP_LEARN_METRICS_PORT")
     if live is not None:
         live.start()
     try:
         summary = run_learning(config, lake=open_lake(shared), tracking_uri=tracking_uri, text=text_encoder(shared),
-                               status_path=status_path, stop=stop, dist_info=info, on_status=show if main else None)
+                               status_path=status_path, stop=stop, dist_info=info, on_status=show if main else None,
+                               prometheus=prometheus)
     except NoTrainingData as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         if live is not None:
             live.stop()
+        if endpoint is not None:
+            endpoint.close()
         shutdown(info)
     if main:
         console.print(f"[green]learner stopped[/] ({summary.stopped_by}) at step {summary.final_step}; "

@@ -9,6 +9,7 @@ import socket
 import click
 from confluent_kafka.admin import AdminClient
 
+from sop.metrics import serve_metrics
 from sop.settings import Settings, load_settings
 
 
@@ -75,5 +76,12 @@ def command(loglevel: str, stop_offsets_file: str | None) -> None:
         overrides["stop_offsets"] = {t: {int(p): int(o) for p, o in parts.items()} for t, parts in raw.items()}
     config = processor_config(settings, **overrides)
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app, _ = build_app(config)
-    run_worker(app, loglevel="warn" if loglevel == "warning" else loglevel)
+    app, shell = build_app(config)
+    endpoint = serve_metrics(shell.prometheus.registry, settings=settings, role="processor",
+                             name=f"{settings.processor_group}@{socket.gethostname()}-{os.getpid()}",
+                             port=settings.processor_metrics_port, setting="SOP_PROCESSOR_METRICS_PORT")
+    try:
+        run_worker(app, loglevel="warn" if loglevel == "warning" else loglevel)
+    finally:
+        if endpoint is not None:
+            endpoint.close()

@@ -1,10 +1,9 @@
-"""`sop status`: what runs and where — broker, topics and their sizes, registry, UI."""
+"""`sop status`: what runs and where — broker, topics and their sizes, registry, UI, and the key figures of every
+processor, learner and actor of this run directory, read from their Prometheus endpoints."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import time
 from dataclasses import dataclass
 
 import click
@@ -12,9 +11,10 @@ from confluent_kafka import Consumer, TopicPartition
 from rich.console import Console
 from rich.table import Table
 
+from infra.metrics import announcements, scrape
 from sop.cli_options import PROFILE_OPTION
-from sop.live import partition_lag
-from sop.settings import SettingsError, load_settings
+from sop.metrics import announce_dir, status_rows
+from sop.settings import Settings, SettingsError, load_settings
 from sop.stack import cluster_status, local_kafka, local_mlflow
 
 
@@ -24,6 +24,22 @@ class TopicSize:
     messages: int  # currently retained
     replicas: int  # of the least replicated partition
     in_sync: int  # of the partition with the fewest in-sync replicas
+
+
+def endpoint_rows(settings: Settings) -> list[tuple[str, str, str]]:
+    """The key figures of every process that announced a Prometheus endpoint in the run directory (processors,
+    learner, actors), read from the endpoint itself. An announcement left by a process that is gone is removed."""
+    rows: list[tuple[str, str, str]] = []
+    for found in announcements(announce_dir(settings)):
+        if not found.alive:
+            with contextlib.suppress(OSError):
+                found.path.unlink()
+            continue
+        try:
+            rows += status_rows(found, scrape(found.url))
+        except (OSError, ValueError) as exc:
+            rows.append((f"{found.role} {found.name}", "[red]unreachable[/]", f"{found.url} ({exc})"))
+    return rows
 
 
 def topic_sizes(bootstrap: str, topics: list[str], client_config: dict) -> dict[str, TopicSize]:
@@ -80,37 +96,8 @@ def command(profile: str | None) -> None:
                               f"{size.partitions} partitions × {size.replicas} replicas ({size.in_sync} in sync)")
         except Exception as exc:  # status must always print something useful
             table.add_row("  topics", f"[red]unreachable[/] {exc}", "")
-    for metrics_file in sorted((settings.run_path / "processor").glob("metrics-*.json")):
-        try:
-            m = json.loads(metrics_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        group, _, worker = metrics_file.stem.removeprefix("metrics-").partition("@")
-        age = time.time() - m.get("updated_at", 0)
-        if age > 3600:
-            continue  # a worker long gone
-        state = "running" if age < 30 else f"last seen {age / 60:.0f} min ago"
-        p50, p99 = m.get("commit_latency_p50_s"), m.get("commit_latency_p99_s")
-        lat = f"commit p50 {p50:.2f}s p99 {p99:.2f}s" if p50 is not None else "no commits yet"
-        table.add_row(f"processor {group} {worker}", state,
-                      f"{m.get('steps_per_s', 0):,.0f} steps/s · {m.get('episodes_closed', 0)} episodes · "
-                      f"{m.get('deadletters', 0)} dead letters · {lat}")
-        by_reason = m.get("deadletters_by_reason") or {}
-        if by_reason:
-            table.add_row("  dead letters", f"{sum(by_reason.values()):,}",
-                          " · ".join(f"{r} {n:,}" for r, n in sorted(by_reason.items())))
-        counted = {k: v for k, v in (m.get("counted") or {}).items() if v}
-        if counted:
-            table.add_row("  counted, not stored", f"{sum(counted.values()):,}",
-                          " · ".join(f"{k} {n:,}" for k, n in sorted(counted.items())))
-        quality = [f"{k.removeprefix('episodes_')} {m[k]:,}" for k in ("episodes_forced", "episodes_aborted",
-                                                                      "episodes_poisoned") if m.get(k)]
-        if quality:
-            table.add_row("  episodes not closed by their end", "", " · ".join(quality))
-        if bootstrap and state == "running":
-            for topic, parts in partition_lag(bootstrap, group, settings).items():
-                table.add_row(f"  lag {topic}", f"{sum(parts.values()):,}",
-                              " ".join(f"p{p}:{lag}" for p, lag in sorted(parts.items())))
+    for row in endpoint_rows(settings):
+        table.add_row(*row)
     if settings.profile == "cluster":
         with contextlib.suppress(SettingsError):
             table.add_row("lake", "s3", settings.lake_root)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 from confluent_kafka import Consumer
 from mlflow.tracking import MlflowClient
 
+from infra.metrics import announcements, scrape
 from lakehouse import Lakehouse, query
 from schemas import codec
 
@@ -45,11 +47,28 @@ def _learner_version(run_dir: Path) -> int:
         return 0
 
 
+def _two_free_ports() -> int:
+    """A port P with P + 1 free too (for the two actors' fixed ports)."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
 def test_sop_run_registers_versions_actors_follow_and_ctrl_c_loses_nothing(tmp_path) -> None:
     """Ctrl-C as a terminal sends it: SIGINT to the whole foreground process group of `sop run`."""
     run_dir = tmp_path / "run"
+    actor_port = _two_free_ports()
     env = {**os.environ, "SOP_RUN_DIR": str(run_dir), "SOP_KAFKA_PORT": "0", "SOP_PRETRAIN_STEPS": "40",
-           "SOP_LEARN_PUBLISH_EVERY": "20", "SOP_ACTOR_IMAGE_SIZE": "48", "SOP_TOPIC_PARTITIONS": "2"}
+           "SOP_LEARN_PUBLISH_EVERY": "20", "SOP_ACTOR_IMAGE_SIZE": "48", "SOP_TOPIC_PARTITIONS": "2",
+           "SOP_ACTOR_METRICS_PORT": str(actor_port)}
     log = open(tmp_path / "sop-run.log", "w")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(
         [sys.executable, "-m", "sop", "run", "--actors", "2", "--minutes", "8", "--demos-per-task", "2",
@@ -60,6 +79,16 @@ def test_sop_run_registers_versions_actors_follow_and_ctrl_c_loses_nothing(tmp_p
         while _learner_version(run_dir) < 3 and proc.poll() is None and time.time() < deadline:
             time.sleep(1)
         assert _learner_version(run_dir) >= 3, "the learner registered no versions after the base"
+        # every part serves its Prometheus endpoint; actor i on SOP_ACTOR_METRICS_PORT + i, the others on free ports
+        found = announcements(run_dir / "metrics")
+        assert sorted(a.role for a in found) == ["actor", "actor", "learner", "processor"], found
+        assert sorted(a.url for a in found if a.role == "actor") == [
+            f"http://127.0.0.1:{actor_port + i}/metrics" for i in range(2)]
+        assert all(scrape(a.url).value("process_start_time_seconds") for a in found)
+        status = subprocess.run([sys.executable, "-m", "sop", "status"], env={**env, "COLUMNS": "250"},
+                                capture_output=True, text=True, timeout=120)
+        for part in ("actor actor-00", "actor actor-01", "learner learner@", "processor sop-processor@", "ω_on"):
+            assert part in status.stdout, status.stdout
         time.sleep(30)  # the actors finish episodes with the learner's versions
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=300) == 0, (tmp_path / "sop-run.log").read_text()[-3000:]

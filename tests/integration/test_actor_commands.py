@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from infra.metrics import announcements, scrape
 from lakehouse import Lakehouse
 from producers.fleet import ActorStatus
 from tests.integration.test_actor_stack import consume_all, episodes_of
@@ -59,8 +60,14 @@ def test_sop_actor_sigterm_aborts_the_episode_in_progress_and_flushes(kafka, top
         return st is not None and st.steps >= 5 and st.episodes == 0  # at 30 Hz it has seconds still to run
 
     wait_until(mid_first_episode, "the first episode under way", actor, log)
+    (endpoint,) = announcements(tmp_path / "metrics")  # SOP_ACTOR_METRICS_PORT=0: a free port, announced
+    assert (endpoint.role, endpoint.name) == ("actor", "cli-actor")
+    wait_until(lambda: scrape(endpoint.url).value("sop_actor_steps_total", 0) >= 5, "the steps scraped", actor, log)
+    assert scrape(endpoint.url).value("sop_actor_policy_version") == 1
+    assert scrape(endpoint.url).value("sop_actor_control_rate_target_hz") == 30
     actor.send_signal(signal.SIGTERM)
     assert actor.wait(60) == 0, log.read_text()[-3000:]
+    assert announcements(tmp_path / "metrics") == []
     final = ActorStatus.read(status_file)
     assert final is not None and final.state == "done" and final.aborted == final.episodes == 1
     assert final.failed == 0 and final.in_flight == 0 and final.versions == {"1": final.steps}

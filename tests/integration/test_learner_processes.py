@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from infra.metrics import announcements, scrape
 from lakehouse import Lakehouse
 from learner import registry
 from learner.synthetic import fill_tables
@@ -57,10 +58,16 @@ def test_a_killed_learner_resumes_from_its_last_version(tmp_path: Path, mlflow_u
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no versions registered in time"
             time.sleep(0.2)
+        (endpoint,) = announcements(tmp_path / "run" / "metrics")  # SOP_LEARN_METRICS_PORT=0: announced
+        while (scrape(endpoint.url).value("sop_learner_policy_version_registered") or 0) < 1:
+            assert time.monotonic() < deadline, "the endpoint never showed a registered version"
+            time.sleep(0.2)
+        assert scrape(endpoint.url).value("sop_learner_steps_total") >= 5
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(30)
         log.close()
+    assert not endpoint.alive  # SIGKILLed: its announcement stays, `sop status` drops it
     before = registered(mlflow_uri)
     # The newest version may have been cut off mid-upload; the learner resumes from the newest that loads.
     loadable = [v for v in sorted(before, reverse=True) if _loads(mlflow_uri, v)]
