@@ -23,6 +23,7 @@ from typing import IO, Any, Literal
 import duckdb
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.dataset
 import pyarrow.parquet as pq
 
 from lakehouse.errors import LakehouseError, QueryError, TableNotFoundError, VersionNotFoundError
@@ -56,14 +57,19 @@ def connect(
             if name in versions:
                 raise
             continue  # the table did not exist yet at `as_of`
-        dataset = dt.to_pyarrow_dataset()
-        if needs_upgrade(dataset.schema):  # written before policy_version became a number (or read back in time)
-            con.register(f"_stored_{name}", dataset)
-            con.execute(f"CREATE VIEW {name} AS SELECT {_upgrading_columns(dataset.schema)} FROM _stored_{name}")
-        else:
-            con.register(name, dataset)
+        register(con, name, dt.to_pyarrow_dataset())
         read_at[name] = dt.version()
     return con, read_at
+
+
+def register(con: duckdb.DuckDBPyConnection, name: str, dataset: pa.dataset.Dataset) -> None:
+    """Make a table's Arrow dataset queryable as ``name``, in the current shape: a dataset of a table written
+    before ``policy_version`` became a number (or read back in time) behind a view that converts it."""
+    if not needs_upgrade(dataset.schema):
+        con.register(name, dataset)
+        return
+    con.register(f"_stored_{name}", dataset)
+    con.execute(f'CREATE VIEW "{name}" AS SELECT {_upgrading_columns(dataset.schema)} FROM "_stored_{name}"')
 
 
 def _upgrading_columns(schema: pa.Schema) -> str:
