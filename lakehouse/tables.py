@@ -4,7 +4,8 @@
 Tables (all under one root, ``<root>/<name>``):
 
 ``steps``
-    One row per step, written when its episode closes: every ``Step`` field flattened, plus the columns
+    One row per step, written when its episode closes: every ``Step`` field flattened (``policy_version`` as an
+    int64, the event's text beside it in ``policy_version_text``; see "policy versions" below), plus the columns
     computed at close (``reward``, ``mc_return``, ``value``, ``advantage``, ``advantage_source``, ``outcome``,
     ``episode_length``) and the Kafka origin of the step message. Partitioned by (``task``, ``event_date``)
     so that the learner's per-task, most-recent-first reads and analysts' date ranges prune files.
@@ -415,7 +416,8 @@ def conform(
 ) -> pa.Table:
     """Turn rows (dicts) or an Arrow table into a table with exactly ``spec``'s schema.
 
-    Derived columns that are absent (``event_time``, ``event_date``, ``ingest_time``) are computed, absent
+    Derived columns that are absent (``event_time``, ``event_date``, ``ingest_time``) are computed, a policy
+    version given as text (as the wire carries it) becomes its number plus ``policy_version_text``, absent
     nullable columns become null, and absent or null required columns raise :class:`SchemaMismatchError`
     naming them.
     """

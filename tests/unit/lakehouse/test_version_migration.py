@@ -9,57 +9,26 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 import pytest
-from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake import DeltaTable
 
 from lakehouse import EPISODES, STEPS, IncrementalReader, Lakehouse, conform, query, snapshot
 from lakehouse.tables import (
     MIGRATION_PROPERTY,
-    STRINGS,
     VERSION_MIGRATION,
     arrow_schema,
     migration_versions,
     upgrade,
     version_number,
 )
+from tests.old_tables import create_old, write_old
 
 OLD_VERSIONS = ["99", "190", "expert", "2"]  # as text "99" > "190" > "2"; "expert": a scripted demonstration
-
-
-def old_schema(spec: Any) -> pa.Schema:
-    """The table's schema as code before this change wrote it."""
-    fields = []
-    for f in spec.schema:
-        if f.name == "policy_version":
-            fields.append(pa.field("policy_version", pa.string(), nullable=False))
-        elif f.name == "policy_versions":
-            fields.append(pa.field("policy_versions", STRINGS, nullable=False))
-        elif f.name != "policy_version_text":
-            fields.append(f)
-    return pa.schema(fields)
-
-
-def old_rows(spec: Any, rows: list[dict]) -> pa.Table:
-    new = conform(spec, rows)
-    text = new.column("policy_version_text")
-    table = new.set_column(new.schema.get_field_index("policy_version"), "policy_version", text)
-    table = table.drop_columns(["policy_version_text"])
-    if "policy_versions" in table.column_names:
-        table = table.set_column(table.schema.get_field_index("policy_versions"), "policy_versions",
-                                 pa.array([[t] for t in text.to_pylist()], STRINGS))
-    return table.cast(old_schema(spec))
-
-
-def write_old(lake: Lakehouse, spec: Any, rows: list[dict], *, app: str, watermark: int) -> None:
-    """An append as the old processor made it: rows and the partition's watermark in one commit."""
-    write_deltalake(lake.uri(spec.name), old_rows(spec, rows), mode="append",
-                    commit_properties=CommitProperties(app_transactions=[Transaction(app, watermark)]))
 
 
 @pytest.fixture
 def old_lake(lake: Lakehouse, steps_of: Any, episode_of: Any) -> Lakehouse:
     for spec in (STEPS, EPISODES):
-        DeltaTable.create(lake.uri(spec.name), old_schema(spec), partition_by=list(spec.partition_by),
-                          configuration=spec.configuration)
+        create_old(lake, spec)
     offset = 0
     for i, version in enumerate(OLD_VERSIONS):
         rows = steps_of(f"e{i}", n=2, policy_version=version, offsets=[offset, offset + 1])
