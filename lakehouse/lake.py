@@ -170,40 +170,56 @@ class Lakehouse:
         Concurrent migrators: the loser's commit fails, it reloads and finds the work done. Writers of the old
         code cannot append afterwards (their rows no longer fit): upgrade every processor together.
         """
-        from deltalake import CommitProperties, write_deltalake
 
         spec = spec_of(name)
         for _attempt in range(5):
             if not self.pending_migrations(name):
                 return None
             dt = DeltaTable(self.uri(name), storage_options=self.storage_options)
-            # First the intent (so that a crash between the two leaves readers able to find the rewrite), then it.
-            _record_migration(dt, {"started": dt.version() + 1})
-            dt.update_incremental()
-            source = dt.to_pyarrow_dataset()  # opened before the write: delta-rs cannot open it inside one
-            log.info("migrating %s (%d rows, version %d): policy_version text -> int64", name, source.count_rows(),
-                     dt.version())
-
-            def batches(dataset=source) -> Iterator[pa.RecordBatch]:  # noqa: ANN001 - bound now, not at call time
-                for batch in dataset.to_batches(batch_size=MIGRATION_BATCH_ROWS):
-                    yield from upgrade(batch).select(spec.schema.names).cast(spec.schema).to_batches()
-
             try:
-                write_deltalake(dt, pa.RecordBatchReader.from_batches(spec.schema, batches()), mode="overwrite",
-                                schema_mode="overwrite", partition_by=list(spec.partition_by),
-                                commit_properties=CommitProperties(custom_metadata={MIGRATION_MARKER: VERSION_MIGRATION}))
-            except CommitFailedError as exc:
+                version = self._rewrite(spec, dt)
+            except CommitFailedError as exc:  # another migrator (or writer) committed first: look again
                 log.warning("migrating %s: %s; trying again", name, exc)
                 continue
             except DeltaError as exc:
                 raise SchemaMismatchError(f"could not migrate {name} at {dt.table_uri}: {exc}") from exc
-            dt.update_incremental()
-            version = dt.version()
-            _record_migration(dt, {"started": migrations_of(dt)[VERSION_MIGRATION]["started"], "version": version})
+            for _ in range(5):  # where the rewrite is (readers find it without this too, from the history)
+                try:
+                    dt.update_incremental()
+                    started = migrations_of(dt)[VERSION_MIGRATION]["started"]
+                    _record_migration(dt, {"started": started, "version": version})
+                    break
+                except CommitFailedError:
+                    continue
             self._checked.discard(name)
             log.info("migrated %s at version %d", name, version)
             return version
         raise SchemaMismatchError(f"could not migrate {name}: other commits kept conflicting with the rewrite")
+
+    def _rewrite(self, spec: TableSpec, dt: DeltaTable) -> int:
+        """The migration's intent, then its rewrite (see :meth:`migrate`); the rewrite's version."""
+        from deltalake import CommitProperties, write_deltalake
+
+        # First the intent (so that a crash between the two leaves readers able to find the rewrite), then it;
+        # an intent already there (another migrator, or one that stopped) stands: a second would only make the
+        # two migrators' commits conflict with each other again and again.
+        entry = migrations_of(dt).get(VERSION_MIGRATION)
+        if entry is None or "version" in entry:
+            _record_migration(dt, {"started": dt.version() + 1})
+            dt.update_incremental()
+        source = dt.to_pyarrow_dataset()  # opened before the write: delta-rs cannot open it inside one
+        log.info("migrating %s (%d rows, version %d): policy_version text -> int64", spec.name, source.count_rows(),
+                 dt.version())
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            for batch in source.to_batches(batch_size=MIGRATION_BATCH_ROWS):
+                yield from upgrade(batch).select(spec.schema.names).cast(spec.schema).to_batches()
+
+        write_deltalake(dt, pa.RecordBatchReader.from_batches(spec.schema, batches()), mode="overwrite",
+                        schema_mode="overwrite", partition_by=list(spec.partition_by),
+                        commit_properties=CommitProperties(custom_metadata={MIGRATION_MARKER: VERSION_MIGRATION}))
+        dt.update_incremental()  # the rewrite is the newest commit with the marker (a second one would have conflicted)
+        return max(c["version"] for c in dt.history(limit=20) if c.get(MIGRATION_MARKER) == VERSION_MIGRATION)
 
     def _create(self, spec: TableSpec, uri: str) -> DeltaTable:
         with contextlib.suppress(CommitFailedError):  # another process created it at the same moment

@@ -117,3 +117,28 @@ def test_a_migration_that_stopped_before_recording_its_version_is_found(old_lake
     assert migration_versions(dt) == [version]
     reader = IncrementalReader(old_lake.table("episodes", create=False), start=1)
     assert sorted(reader.poll().column("policy_version_text").to_pylist()) == ["190", "2", "expert"]
+
+
+def test_two_migrators_at_once_rewrite_the_table_once(old_lake: Lakehouse) -> None:
+    import threading
+
+    results, errors = [], []
+
+    def migrate() -> None:
+        try:
+            results.append(Lakehouse(old_lake.root).migrate("steps"))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=migrate) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(results) == 2 and results.count(None) == 1, results  # one rewrote, the other found it done
+    dt = DeltaTable(old_lake.uri("steps"))
+    assert arrow_schema(dt) == STEPS.schema
+    assert dt.to_pyarrow_dataset().count_rows() == 2 * len(OLD_VERSIONS)
+    rewrites = [c for c in dt.history() if c.get("sop.migration")]
+    assert len(rewrites) == 1 and migration_versions(dt) == [rewrites[0]["version"]]
