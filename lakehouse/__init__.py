@@ -25,6 +25,10 @@ The loop::
     # 3. people: SQL over every table, also as of an earlier time
     query(lake, "SELECT task, avg(mc_return) FROM episodes GROUP BY task")
 
+``policy_version`` is an int64 (the text the event carried in ``policy_version_text``); tables written when it
+was text are read in the current shape by every reader here (``upgrade`` for code that reads a table's Arrow
+dataset itself) and rewritten once by the first writer (``Lakehouse.migrate``, also ``sop lake migrate``).
+
 Maintenance: ``compact``, ``vacuum``, ``history`` and the ``CompactionSchedule`` policy in
 :mod:`lakehouse.maintenance`; example queries in :mod:`lakehouse.sql_examples`.
 """
@@ -61,7 +65,10 @@ from lakehouse.tables import (
     TABLES,
     TableSpec,
     conform,
+    source_columns,
     spec_of,
+    upgrade,
+    version_number,
 )
 from lakehouse.writer import CommittedState, ExactlyOnceWriter, WriteResult, app_id, safe_watermark
 
@@ -72,5 +79,6 @@ __all__ = [
     "SchemaMismatchError", "TableNotFoundError", "TableSpec", "UnknownTableError", "VersionNotFoundError",
     "WriteConflictError", "WriteResult",
     "app_id", "compact", "conform", "connect", "history", "maybe_compact", "query", "rows_since",
-    "safe_watermark", "small_files", "snapshot", "snapshot_batches", "spec_of", "vacuum", "version_at", "write_result",
+    "safe_watermark", "small_files", "snapshot", "snapshot_batches", "source_columns", "spec_of", "upgrade", "vacuum",
+    "version_at", "version_number", "write_result",
 ]

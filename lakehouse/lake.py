@@ -12,7 +12,9 @@ module back: the package's modules import one way.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+import json
+import logging
+from collections.abc import Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 
@@ -23,8 +25,25 @@ from deltalake.exceptions import CommitFailedError, DeltaError
 from deltalake.exceptions import TableNotFoundError as DeltaTableNotFoundError
 
 from lakehouse.errors import SchemaMismatchError, TableNotFoundError
-from lakehouse.tables import TABLES, TableSpec, arrow_schema, join_uri, spec_of, time_travel
+from lakehouse.tables import (
+    MIGRATION_MARKER,
+    MIGRATION_PROPERTY,
+    TABLES,
+    VERSION_MIGRATION,
+    TableSpec,
+    arrow_schema,
+    join_uri,
+    migrations_of,
+    needs_upgrade,
+    spec_of,
+    time_travel,
+    upgrade,
+    upgraded_schema,
+)
 from lakehouse.writer import ExactlyOnceWriter
+
+log = logging.getLogger("sop.lakehouse")
+MIGRATION_BATCH_ROWS = 1024  # rows per batch while a migration rewrites a table (bounded memory)
 
 
 def _widens(old: pa.DataType, new: pa.DataType) -> bool:
@@ -47,7 +66,9 @@ def _widens(old: pa.DataType, new: pa.DataType) -> bool:
 
 def _schema_drift(spec: TableSpec, existing: pa.Schema) -> tuple[list[pa.Field], list[str], list[str]]:
     """Columns to add to an existing table, columns that gained nested nullable fields (a schema-merging write
-    adds them), and columns whose type differs otherwise (not fixable automatically)."""
+    adds them), and columns whose type differs otherwise (not fixable automatically). A table of the old shape
+    (text ``policy_version``) is compared in its upgraded shape: :meth:`Lakehouse.migrate` rewrites it."""
+    existing = upgraded_schema(existing)
     to_add = [f for f in spec.schema if f.name not in existing.names]
     common = [f for f in spec.schema if f.name in existing.names and existing.field(f.name).type != f.type]
     widened = [f.name for f in common if _widens(existing.field(f.name).type, f.type)]
@@ -60,6 +81,13 @@ def _merged(existing: pa.Schema, target: pa.Schema) -> pa.Schema:
     """The table's columns in its own order, with the definition's (widened) types, then any new ones."""
     fields = [target.field(f.name) if f.name in target.names else f for f in existing]
     return pa.schema(fields + [f for f in target if f.name not in existing.names])
+
+
+
+
+def _record_migration(dt: DeltaTable, entry: dict[str, int]) -> None:
+    done = {**migrations_of(dt), VERSION_MIGRATION: entry}
+    dt.alter.set_table_properties({MIGRATION_PROPERTY: json.dumps(done, sort_keys=True)}, raise_if_not_exists=False)
 
 
 class Lakehouse:
@@ -94,7 +122,9 @@ class Lakehouse:
 
         ``as_of`` opens an older state: a version number, a datetime (naive = UTC) or an ISO-8601 string.
         An existing table missing columns of the current definition gets them added (nullable ones only);
-        a column of a different type raises :class:`SchemaMismatchError`.
+        a column of a different type raises :class:`SchemaMismatchError`, except a text ``policy_version`` of a
+        table written before it became a number: reading such a table works as it is (the readers upgrade
+        its rows), writing to it migrates it first (:meth:`migrate`).
         """
         spec = spec_of(name)
         uri = self.uri(name)
@@ -115,8 +145,81 @@ class Lakehouse:
         return {name: self.table(name) for name in TABLES}
 
     def writer(self, name: str, *, app_id_prefix: str, topic: str | None = None) -> ExactlyOnceWriter:
-        """An :class:`~lakehouse.writer.ExactlyOnceWriter` on table ``name`` (created when absent)."""
+        """An :class:`~lakehouse.writer.ExactlyOnceWriter` on table ``name`` (created when absent; migrated to the
+        current definition first, see :meth:`migrate`)."""
+        self.migrate(name)
         return ExactlyOnceWriter(self.table(name), app_id_prefix, spec=spec_of(name), topic=topic)
+
+    def pending_migrations(self, name: str) -> list[str]:
+        """The migrations table ``name`` still needs (none for a table that does not exist)."""
+        if not self.exists(name):
+            return []
+        dt = self.table(name, create=False)
+        return [VERSION_MIGRATION] if needs_upgrade(arrow_schema(dt)) else []
+
+    def migrate(self, name: str) -> int | None:
+        """Bring an existing table of an older shape to the current definition; the Delta version of the rewrite,
+        or None when there was nothing to do.
+
+        The one migration so far: ``policy_version`` from text to int64 (with the text kept in
+        ``policy_version_text``, ``policy_versions`` as numbers). Delta cannot change a column's type in place,
+        so the table is rewritten: one overwrite commit that streams the rows through :func:`upgrade` in
+        bounded batches, keeps partitioning, properties and every application transaction (the Kafka
+        watermarks), and is recorded in the table property ``sop.migrations`` so that incremental readers skip
+        it (its rows are the old rows again). Versions before it stay readable by time travel, in the old shape.
+        Concurrent migrators: the loser's commit fails, it reloads and finds the work done. Writers of the old
+        code cannot append afterwards (their rows no longer fit): upgrade every processor together.
+        """
+
+        spec = spec_of(name)
+        for _attempt in range(5):
+            if not self.pending_migrations(name):
+                return None
+            dt = DeltaTable(self.uri(name), storage_options=self.storage_options)
+            try:
+                version = self._rewrite(spec, dt)
+            except CommitFailedError as exc:  # another migrator (or writer) committed first: look again
+                log.warning("migrating %s: %s; trying again", name, exc)
+                continue
+            except DeltaError as exc:
+                raise SchemaMismatchError(f"could not migrate {name} at {dt.table_uri}: {exc}") from exc
+            for _ in range(5):  # where the rewrite is (readers find it without this too, from the history)
+                try:
+                    dt.update_incremental()
+                    started = migrations_of(dt)[VERSION_MIGRATION]["started"]
+                    _record_migration(dt, {"started": started, "version": version})
+                    break
+                except CommitFailedError:
+                    continue
+            self._checked.discard(name)
+            log.info("migrated %s at version %d", name, version)
+            return version
+        raise SchemaMismatchError(f"could not migrate {name}: other commits kept conflicting with the rewrite")
+
+    def _rewrite(self, spec: TableSpec, dt: DeltaTable) -> int:
+        """The migration's intent, then its rewrite (see :meth:`migrate`); the rewrite's version."""
+        from deltalake import CommitProperties, write_deltalake
+
+        # First the intent (so that a crash between the two leaves readers able to find the rewrite), then it;
+        # an intent already there (another migrator, or one that stopped) stands: a second would only make the
+        # two migrators' commits conflict with each other again and again.
+        entry = migrations_of(dt).get(VERSION_MIGRATION)
+        if entry is None or "version" in entry:
+            _record_migration(dt, {"started": dt.version() + 1})
+            dt.update_incremental()
+        source = dt.to_pyarrow_dataset()  # opened before the write: delta-rs cannot open it inside one
+        log.info("migrating %s (%d rows, version %d): policy_version text -> int64", spec.name, source.count_rows(),
+                 dt.version())
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            for batch in source.to_batches(batch_size=MIGRATION_BATCH_ROWS):
+                yield from upgrade(batch).select(spec.schema.names).cast(spec.schema).to_batches()
+
+        write_deltalake(dt, pa.RecordBatchReader.from_batches(spec.schema, batches()), mode="overwrite",
+                        schema_mode="overwrite", partition_by=list(spec.partition_by),
+                        commit_properties=CommitProperties(custom_metadata={MIGRATION_MARKER: VERSION_MIGRATION}))
+        dt.update_incremental()  # the rewrite is the newest commit with the marker (a second one would have conflicted)
+        return max(c["version"] for c in dt.history(limit=20) if c.get(MIGRATION_MARKER) == VERSION_MIGRATION)
 
     def _create(self, spec: TableSpec, uri: str) -> DeltaTable:
         with contextlib.suppress(CommitFailedError):  # another process created it at the same moment

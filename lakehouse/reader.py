@@ -6,6 +6,10 @@ have ``dataChange=false``, so a compaction (OPTIMIZE), which rewrites existing r
 nothing again. A diff of two snapshots' file lists would not be correct: compaction folds rows that were
 already read together with new ones into new files.
 
+Every read returns rows in the current shape, also from a table (or an old version of one) written before
+``policy_version`` became a number (``tables.upgrade``); the rewrite a migration commits (its rows are the old
+rows again) delivers nothing, and the commits before it are read at their own version and upgraded.
+
 A reader must keep up with vacuum: once the files a pending version added are compacted and vacuumed, its
 rows can no longer be read from that version and :class:`ReaderFellBehindError` says to restart from a
 snapshot.
@@ -24,7 +28,14 @@ from deltalake import DeltaTable
 from deltalake.exceptions import DeltaError
 
 from lakehouse.errors import LakehouseError, ReaderFellBehindError
-from lakehouse.tables import arrow_schema, time_travel
+from lakehouse.tables import (
+    arrow_schema,
+    migration_versions,
+    source_columns,
+    time_travel,
+    upgrade,
+    upgraded_schema,
+)
 
 AsOf = int | str | datetime
 _ADDED = ("insert", "update_postimage")
@@ -89,11 +100,13 @@ def snapshot(
     ``storage_options``: those of the table (an object store's endpoint and keys), needed with ``as_of``.
     """
     source = _open_as_of(table, as_of, storage_options) if as_of is not None else table
-    schema = _projected(arrow_schema(source), columns)
+    stored = arrow_schema(source)
+    schema = _projected(upgraded_schema(stored), columns)
     predicate = sql_predicate(tasks=tasks, since_date=since_date)
     dataset = source.to_pyarrow_dataset(file_pruning_predicate=predicate)
-    rows = dataset.to_table(columns=schema.names, filter=_row_filter(tasks=tasks, since_date=since_date))
-    return rows.cast(schema), source.version()
+    rows = dataset.to_table(columns=source_columns(stored, schema.names),
+                            filter=_row_filter(tasks=tasks, since_date=since_date))
+    return upgrade(rows).select(schema.names).cast(schema), source.version()
 
 
 def snapshot_batches(
@@ -108,11 +121,13 @@ def snapshot_batches(
 ) -> tuple[Iterator[pa.RecordBatch], int]:
     """Like :func:`snapshot`, as a stream of record batches (bounded memory), and the version it reads."""
     source = _open_as_of(table, as_of, storage_options) if as_of is not None else table
-    schema = _projected(arrow_schema(source), columns)
+    stored = arrow_schema(source)
+    schema = _projected(upgraded_schema(stored), columns)
     dataset = source.to_pyarrow_dataset(file_pruning_predicate=sql_predicate(tasks=tasks, since_date=since_date))
-    batches = dataset.to_batches(columns=schema.names, filter=_row_filter(tasks=tasks, since_date=since_date),
-                                 batch_size=batch_size)
-    return (batch.cast(schema) for batch in batches), source.version()
+    batches = dataset.to_batches(columns=source_columns(stored, schema.names),
+                                 filter=_row_filter(tasks=tasks, since_date=since_date), batch_size=batch_size)
+    return (b for batch in batches for b in upgrade(batch).select(schema.names).cast(schema).to_batches()), \
+        source.version()
 
 
 def version_at(table: DeltaTable, timestamp: datetime | str, *,
@@ -152,26 +167,51 @@ def rows_since(
             f"{table.table_uri} is at version {latest}, behind the requested {version}: the table was "
             f"re-created; restart the reader with version=None"
         )
-    schema = _projected(arrow_schema(table), columns)
+    schema = _projected(upgraded_schema(arrow_schema(table)), columns)
     end = latest if max_versions is None else min(latest, version + max(1, max_versions))
     out_schema = schema.append(pa.field(COMMIT_VERSION, pa.uint64())) if with_commit_version else schema
     if end == version:
         return out_schema.empty_table(), version
+    ranges, start = [], version + 1
+    for rewrite in (v for v in migration_versions(table) if version < v <= end):
+        ranges.append((start, rewrite - 1))  # read at its own last version: the schema those commits wrote
+        start = rewrite + 1
+    ranges.append((start, end))
+    parts = []
+    try:
+        for first, last in ranges:
+            if first > last:
+                continue
+            if last < latest:
+                table.load_as_version(last)
+            parts.append(_changes(table, first, last, out_schema, tasks=tasks, since_date=since_date))
+    finally:
+        if table.version() != latest:
+            table.update_incremental()
+    return (pa.concat_tables(parts) if parts else out_schema.empty_table()), end
+
+
+def _changes(table: DeltaTable, first: int, last: int, out_schema: pa.Schema, *, tasks: Sequence[str] | None,
+             since_date: date | None) -> pa.Table:
+    """The rows commits ``first`` … ``last`` of ``table`` (loaded at ``last`` or later, same schema) added."""
+    stored = arrow_schema(table)
+    wanted = [n for n in out_schema.names if n != COMMIT_VERSION]
+    read = source_columns(stored, wanted)
     try:
         changes = pa.table(table.load_cdf(
-            starting_version=version + 1, ending_version=end,
-            columns=[*schema.names, "_change_type", COMMIT_VERSION],
+            starting_version=first, ending_version=last, columns=[*read, "_change_type", COMMIT_VERSION],
             predicate=sql_predicate(tasks=tasks, since_date=since_date),
         ))
     except (pa.ArrowInvalid, OSError, DeltaError) as exc:
         if _is_missing_file(exc):
-            raise ReaderFellBehindError(table.table_uri, version, exc) from exc
-        raise LakehouseError(f"reading the changes of {table.table_uri} after version {version} failed: {exc}") from exc
+            raise ReaderFellBehindError(table.table_uri, first - 1, exc) from exc
+        raise LakehouseError(f"reading the changes of {table.table_uri} after version {first - 1} failed: {exc}") from exc
     # CDF hands out string_view columns, which pyarrow's filter kernels do not take: cast before filtering.
-    with_type = out_schema.append(pa.field("_change_type", pa.string()))
-    changes = changes.select(with_type.names).cast(with_type)
+    read_schema = pa.schema([stored.field(n) for n in read])
+    changes = changes.select([*read, "_change_type", COMMIT_VERSION]).cast(
+        read_schema.append(pa.field("_change_type", pa.string())).append(pa.field(COMMIT_VERSION, pa.uint64())))
     added = changes.filter(pc.is_in(changes.column("_change_type"), pa.array(_ADDED)))
-    return added.drop_columns(["_change_type"]), end
+    return upgrade(added).select(out_schema.names).cast(out_schema)
 
 
 class IncrementalReader:

@@ -4,7 +4,9 @@ Every table that exists under the root is registered under its name (``steps``, 
 ``interventions``, ``demonstrations``); tables nothing has been written to yet are not, and a query naming
 one fails with :class:`TableNotFoundError` listing the tables that do exist. Time travel: ``as_of`` (a
 datetime or ISO-8601 string) reads every table as it was then; ``versions`` pins single tables to a Delta
-version. Scans push column projection and filters down to the Parquet files.
+version. Scans push column projection and filters down to the Parquet files. A table of the old shape (text
+``policy_version``: not migrated yet, or read as of a version before its migration) is registered as a view
+with the current shape, so that every query sees ``policy_version`` as a number.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from typing import IO, Any, Literal
 import duckdb
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.dataset
 import pyarrow.parquet as pq
 
 from lakehouse.errors import LakehouseError, QueryError, TableNotFoundError, VersionNotFoundError
 from lakehouse.lake import Lakehouse
-from lakehouse.tables import TABLES
+from lakehouse.tables import TABLES, VERSION, VERSION_DIGITS, VERSION_LIST, VERSION_TEXT, needs_upgrade
 
 Format = Literal["csv", "json", "parquet"]
 FORMATS: tuple[Format, ...] = ("csv", "json", "parquet")
@@ -54,9 +57,37 @@ def connect(
             if name in versions:
                 raise
             continue  # the table did not exist yet at `as_of`
-        con.register(name, dt.to_pyarrow_dataset())
+        register(con, name, dt.to_pyarrow_dataset())
         read_at[name] = dt.version()
     return con, read_at
+
+
+def register(con: duckdb.DuckDBPyConnection, name: str, dataset: pa.dataset.Dataset) -> None:
+    """Make a table's Arrow dataset queryable as ``name``, in the current shape: a dataset of a table written
+    before ``policy_version`` became a number (or read back in time) behind a view that converts it."""
+    if not needs_upgrade(dataset.schema):
+        con.register(name, dataset)
+        return
+    con.register(f"_stored_{name}", dataset)
+    con.execute(f'CREATE VIEW "{name}" AS SELECT {_upgrading_columns(dataset.schema)} FROM "_stored_{name}"')
+
+
+def _upgrading_columns(schema: pa.Schema) -> str:
+    """The select list that gives an old-shaped table the current shape, as ``tables.upgrade`` does."""
+    def number(column: str) -> str:
+        return f"CAST(CASE WHEN regexp_full_match({column}, '{VERSION_DIGITS}') THEN {column} END AS BIGINT)"
+
+    out = []
+    for f in schema:
+        if f.name == VERSION:
+            out.append(f"{number(VERSION)} AS {VERSION}")
+            if VERSION_TEXT not in schema.names:
+                out.append(f"{VERSION} AS {VERSION_TEXT}")
+        elif f.name == VERSION_LIST and pa.types.is_list(f.type):
+            out.append(f"list_transform({VERSION_LIST}, lambda v: {number('v')}) AS {VERSION_LIST}")
+        else:
+            out.append(f'"{f.name}"')
+    return ", ".join(out)
 
 
 def query(

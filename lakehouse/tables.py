@@ -4,7 +4,8 @@
 Tables (all under one root, ``<root>/<name>``):
 
 ``steps``
-    One row per step, written when its episode closes: every ``Step`` field flattened, plus the columns
+    One row per step, written when its episode closes: every ``Step`` field flattened (``policy_version`` as an
+    int64, the event's text beside it in ``policy_version_text``; see "policy versions" below), plus the columns
     computed at close (``reward``, ``mc_return``, ``value``, ``advantage``, ``advantage_source``, ``outcome``,
     ``episode_length``) and the Kafka origin of the step message. Partitioned by (``task``, ``event_date``)
     so that the learner's per-task, most-recent-first reads and analysts' date ranges prune files.
@@ -24,6 +25,7 @@ repository); ``tests/unit/lakehouse/test_tables.py`` reads the ``.avsc`` files a
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +45,7 @@ TIMESTAMP = pa.timestamp("us", tz="UTC")
 # Delta names list items "element"; using the same name here keeps schemas read back from a table equal to ours.
 FLOATS = pa.list_(pa.field("element", pa.float32()))
 STRINGS = pa.list_(pa.field("element", pa.string()))
+VERSIONS = pa.list_(pa.field("element", pa.int64()))
 CAMERA_IMAGE = pa.struct([
     pa.field("camera", pa.string()),
     pa.field("encoding", pa.string()),
@@ -75,7 +78,10 @@ STEP_SCHEMA = pa.schema([
     _req("instruction", pa.string()),
     _req("step_index", pa.int32()),
     _req("event_time_us", pa.int64()),
-    _req("policy_version", pa.string()),
+    # Step.policy_version (Avro string): the registry version as a number (null when the event's version is not
+    # one: "expert" for scripted demonstrations) and the text the event carried
+    _opt("policy_version", pa.int64()),
+    _req("policy_version_text", pa.string()),
     _req("images", IMAGES),
     _req("proprio", FLOATS),
     _req("action", FLOATS),
@@ -103,8 +109,9 @@ EPISODE_SCHEMA = pa.schema([
     _req("actor_id", pa.string()),
     _req("task", pa.string()),
     _req("instruction", pa.string()),
-    _req("policy_version", pa.string()),
-    _req("policy_versions", STRINGS),
+    _opt("policy_version", pa.int64()),
+    _req("policy_version_text", pa.string()),
+    _req("policy_versions", VERSIONS),  # every registry version that acted, in order (null: not a registry version)
     _req("outcome", pa.string()),
     _req("num_steps", pa.int32()),
     _req("num_interventions", pa.int32()),
@@ -185,17 +192,18 @@ class TableSpec:
 
 _STEP_STATS = ("episode_id", "step_index", "actor_id", "event_time_us", "policy_version", "controller", "success",
                "outcome", "event_time", "kafka_partition", "kafka_offset", "ingest_time")
+_VERSION_FROM_AVRO = {"policy_version": ("policy_version", "policy_version_text")}
 _STEP_DERIVED: Mapping[str, Deriver] = {"event_time": _time_of_us, "event_date": _date_of_us, "ingest_time": _ingest_now}
 
 STEPS = TableSpec(
     name="steps", schema=STEP_SCHEMA, partition_by=("task", "event_date"),
     description="One row per robot step, with reward/return/value/advantage filled when the episode closed.",
-    stats_columns=_STEP_STATS, derived=_STEP_DERIVED, source_record="Step",
+    stats_columns=_STEP_STATS, derived=_STEP_DERIVED, source_record="Step", avro_columns=_VERSION_FROM_AVRO,
 )
 DEMONSTRATIONS = TableSpec(
     name="demonstrations", schema=STEP_SCHEMA, partition_by=("task", "event_date"),
     description="Offline demonstration steps (same columns as steps).",
-    stats_columns=_STEP_STATS, derived=_STEP_DERIVED, source_record="Step",
+    stats_columns=_STEP_STATS, derived=_STEP_DERIVED, source_record="Step", avro_columns=_VERSION_FROM_AVRO,
 )
 EPISODES = TableSpec(
     name="episodes", schema=EPISODE_SCHEMA, partition_by=("event_date",),
@@ -209,6 +217,7 @@ EPISODES = TableSpec(
         "event_time_us": ("start_time", "end_time"),
         "outcome": ("outcome",),  # null on STARTED events only; a closed episode always has one
         "num_steps": ("num_steps",),
+        **_VERSION_FROM_AVRO,
     },
 )
 INTERVENTIONS = TableSpec(
@@ -230,15 +239,160 @@ def spec_of(name: str) -> TableSpec:
         raise UnknownTableError(name, TABLES) from None
 
 
+# -- policy versions: text on the wire, a number in the tables -------------------------------------------------
+# Avro's Step/EpisodeEvent carry ``policy_version`` as a string (a registry version "12", or a name such as
+# "expert"); the tables store it as an int64, so that SQL orders and compares versions as numbers, and keep the
+# text beside it (``policy_version_text``). Tables written before (format 1: a string ``policy_version``, a
+# list<string> ``policy_versions``, no text column) are rewritten once by ``Lakehouse.migrate`` (every writer
+# runs it); until then, and when reading them back in time, ``upgrade`` gives their rows the current shape.
+
+VERSION = "policy_version"
+VERSION_TEXT = "policy_version_text"
+VERSION_LIST = "policy_versions"
+VERSION_DIGITS = "[0-9]{1,18}"  # what counts as a registry version; longer would not fit an int64
+_NUMBER = f"^{VERSION_DIGITS}$"
+MIGRATION_PROPERTY = "sop.migrations"  # table property: JSON {migration name: Delta version of its rewrite}
+VERSION_MIGRATION = "policy_version_int64"
+MIGRATION_MARKER = "sop.migration"  # commitInfo key of a migration's rewrite
+
+
+def version_number(text: str | None) -> int | None:
+    """A version as the wire carries it -> the number stored (None for "expert", "", None, "-1", ...)."""
+    return int(text) if text is not None and text.isascii() and text.isdigit() and len(text) <= 18 else None
+
+
+def _is_text(type_: pa.DataType) -> bool:
+    return pa.types.is_string(type_) or pa.types.is_large_string(type_) or pa.types.is_string_view(type_)
+
+
+def _numbers(text: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    text = pc.cast(text, pa.string())
+    return pc.cast(pc.if_else(pc.match_substring_regex(text, _NUMBER), text, pa.scalar(None, pa.string())), pa.int64())
+
+
+def _number_lists(lists: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    chunks = lists.chunks if isinstance(lists, pa.ChunkedArray) else [lists]
+    out = []
+    for chunk in chunks:
+        chunk = pc.cast(chunk, pa.list_(pa.string()))
+        out.append(pa.ListArray.from_arrays(chunk.offsets, _numbers(chunk.values), type=VERSIONS, mask=chunk.is_null()))
+    return pa.chunked_array(out, VERSIONS) if isinstance(lists, pa.ChunkedArray) else out[0]
+
+
+def needs_upgrade(schema: pa.Schema) -> bool:
+    """Whether data of this schema is in the old shape (``policy_version`` as text)."""
+    return VERSION in schema.names and _is_text(schema.field(VERSION).type)
+
+
+def upgraded_schema(schema: pa.Schema) -> pa.Schema:
+    """The schema :func:`upgrade` turns data of ``schema`` into."""
+    if not needs_upgrade(schema):
+        return schema
+    fields = []
+    for f in schema:
+        if f.name == VERSION:
+            fields.append(pa.field(VERSION, pa.int64(), nullable=True))
+            if VERSION_TEXT not in schema.names:
+                fields.append(pa.field(VERSION_TEXT, pa.string(), nullable=f.nullable))
+        elif f.name == VERSION_LIST and pa.types.is_list(f.type) and _is_text(f.type.value_type):
+            fields.append(pa.field(VERSION_LIST, VERSIONS, nullable=f.nullable))
+        else:
+            fields.append(f)
+    return pa.schema(fields)
+
+
+def source_columns(schema: pa.Schema, columns: Sequence[str]) -> list[str]:
+    """The columns to read from data of ``schema`` for ``columns`` of its upgraded shape."""
+    if not needs_upgrade(schema) or VERSION_TEXT in schema.names:
+        return list(columns)
+    return list(dict.fromkeys(VERSION if c == VERSION_TEXT else c for c in columns))
+
+
+def upgrade(data: pa.Table | pa.RecordBatch) -> pa.Table:
+    """Data read from a table of the old shape (text ``policy_version``) in the current one; other data as is.
+
+    ``policy_version`` becomes the number (null where the text is not one), ``policy_version_text`` the text
+    (unless present), ``policy_versions`` a list of numbers. Nothing else changes.
+    """
+    table = pa.Table.from_batches([data]) if isinstance(data, pa.RecordBatch) else data
+    if not needs_upgrade(table.schema):
+        return table
+    text = table.column(VERSION)
+    columns, names = [], []
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        if name == VERSION:
+            columns.append(_numbers(text))
+            names.append(VERSION)
+            if VERSION_TEXT not in table.column_names:
+                columns.append(pc.cast(text, pa.string()))
+                names.append(VERSION_TEXT)
+        elif name == VERSION_LIST and pa.types.is_list(column.type) and _is_text(column.type.value_type):
+            columns.append(_number_lists(column))
+            names.append(name)
+        else:
+            columns.append(column)
+            names.append(name)
+    return pa.table(columns, names=names)
+
+
+def _version_text_of(table: pa.Table) -> pa.Table:
+    """Rows with a numeric ``policy_version`` and no text (written by code that already has the number)."""
+    if VERSION not in table.column_names or VERSION_TEXT in table.column_names:
+        return table
+    number = table.column(VERSION)
+    text = pc.if_else(pc.is_null(number), pa.scalar("", pa.string()), pc.cast(number, pa.string()))
+    return table.add_column(table.column_names.index(VERSION) + 1, VERSION_TEXT, text)
+
+
+def migrations_of(dt: DeltaTable) -> dict[str, dict[str, int]]:
+    """The migrations recorded on a table: name -> {"started": first version it may be at, "version": its
+    rewrite's version (absent when the migrator stopped before recording it)}."""
+    text = dt.metadata().configuration.get(MIGRATION_PROPERTY)
+    return {str(k): {a: int(b) for a, b in v.items()} for k, v in json.loads(text).items()} if text else {}
+
+
+def migration_versions(dt: DeltaTable) -> list[int]:
+    """The Delta versions of the rewrites migrations made (commits that add no new rows: readers skip them).
+
+    Where a migrator stopped before recording its rewrite's version, the commit history after the recorded
+    start is searched for the rewrite's marker (once per table and start)."""
+    out = []
+    for entry in migrations_of(dt).values():
+        if "version" in entry:
+            out.append(entry["version"])
+            continue
+        key = (dt.table_uri, entry["started"])
+        if key not in _FOUND:
+            limit = dt.version() - entry["started"] + 1
+            found = [c["version"] for c in dt.history(limit=max(1, limit)) if c.get(MIGRATION_MARKER)]
+            if not found:
+                continue  # not rewritten yet
+            _FOUND[key] = min(v for v in found if v >= entry["started"])
+        out.append(_FOUND[key])
+    return sorted(out)
+
+
+_FOUND: dict[tuple[str, int], int] = {}
+
+
 # -- rows -> Arrow ---------------------------------------------------------------------------------------------
 
 def _relaxed(schema: pa.Schema) -> pa.Schema:
     return pa.schema([f.with_nullable(True) for f in schema])
 
 
+def _wire_type(name: str, rows: Rows, field_: pa.Field) -> pa.Field:
+    """The type to read a row column as: the wire's text for versions given as strings (``upgrade`` splits them)."""
+    if name == VERSION and any(isinstance(r.get(VERSION), str) for r in rows):
+        return field_.with_type(pa.string())
+    if name == VERSION_LIST and any(isinstance(v, str) for r in rows for v in (r.get(VERSION_LIST) or ())):
+        return field_.with_type(STRINGS)
+    return field_
+
+
 def _from_rows(rows: Rows, target: pa.Schema) -> pa.Table:
     names = list(dict.fromkeys(k for row in rows for k in row))
-    sub = _relaxed(pa.schema([target.field(n) for n in names if n in target.names]))
+    sub = _relaxed(pa.schema([_wire_type(n, rows, target.field(n)) for n in names if n in target.names]))
     try:
         return pa.Table.from_pylist([dict(r) for r in rows], schema=sub)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as exc:
@@ -262,7 +416,8 @@ def conform(
 ) -> pa.Table:
     """Turn rows (dicts) or an Arrow table into a table with exactly ``spec``'s schema.
 
-    Derived columns that are absent (``event_time``, ``event_date``, ``ingest_time``) are computed, absent
+    Derived columns that are absent (``event_time``, ``event_date``, ``ingest_time``) are computed, a policy
+    version given as text (as the wire carries it) becomes its number plus ``policy_version_text``, absent
     nullable columns become null, and absent or null required columns raise :class:`SchemaMismatchError`
     naming them.
     """
@@ -278,6 +433,8 @@ def conform(
     else:
         _check_columns(name, list(dict.fromkeys(k for row in data for k in row)), target)
         table = _from_rows(data, target)
+    if VERSION in target.names:
+        table = _version_text_of(upgrade(table))
     now = now or datetime.now(UTC)
     for col, derive in derived.items():
         if col not in table.column_names:

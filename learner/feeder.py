@@ -30,7 +30,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lakehouse import DEMONSTRATIONS, STEPS, IncrementalReader, Lakehouse, ReaderFellBehindError, snapshot
+from lakehouse import (
+    DEMONSTRATIONS,
+    STEPS,
+    IncrementalReader,
+    Lakehouse,
+    ReaderFellBehindError,
+    snapshot,
+    upgrade,
+)
 from lakehouse.reader import sql_predicate
 from learner.batch import Source
 from learner.config import ConfigError
@@ -237,8 +245,8 @@ class DeltaFeeder:
         for task in sorted(set(chosen) | set(partial)):
             ids = chosen.get(task, [])
             dataset = at_version.to_pyarrow_dataset(file_pruning_predicate=sql_predicate(tasks=[task]))
-            rows = dataset.to_table(columns=list(READ_COLUMNS), filter=(pc.field("task") == task)
-                                    & pc.field("episode_id").isin(ids + partial.get(task, [])))
+            rows = upgrade(dataset.to_table(columns=list(READ_COLUMNS), filter=(pc.field("task") == task)
+                                            & pc.field("episode_id").isin(ids + partial.get(task, []))))
             progress.rows_read += rows.num_rows
             episodes = group_episodes(rows_of(rows))
             # Oldest first, so the ring buffers end with the newest episodes.

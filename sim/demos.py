@@ -34,6 +34,11 @@ def demo_episode_id(task: str, seed: int) -> str:
     return f"demo:{task}:{seed}"
 
 
+def demo_task(episode_id: str) -> str:
+    """The task of a :func:`demo_episode_id` (e.g. to count episodes per task)."""
+    return episode_id.split(":")[1]
+
+
 def generate_demonstrations(
     tasks: Sequence[str] = DEFAULT_SUITE,
     episodes_per_task: int = 10,

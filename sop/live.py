@@ -23,7 +23,7 @@ from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
 
-from lakehouse import Lakehouse
+from lakehouse import Lakehouse, source_columns, upgrade
 from sop.settings import Settings
 
 
@@ -77,7 +77,8 @@ def _json(path: Path) -> dict:
         return {}
 
 
-EPISODE_COLUMNS = ("task", "outcome", "end_time", "num_interventions", "policy_version", "actor_id")
+EPISODE_COLUMNS = ("task", "outcome", "end_time", "num_interventions", "policy_version", "policy_version_text",
+                   "actor_id")
 
 
 def episodes_since(lake: Lakehouse, started_at_s: float, *, columns: tuple[str, ...] | None = EPISODE_COLUMNS
@@ -91,14 +92,15 @@ def episodes_since(lake: Lakehouse, started_at_s: float, *, columns: tuple[str, 
         return None
     dataset = lake.table("episodes", create=False).to_pyarrow_dataset()
     since = pa.scalar(datetime.fromtimestamp(started_at_s, UTC), dataset.schema.field("end_time").type)
-    return dataset.to_table(columns=list(columns) if columns else None, filter=pc.field("end_time") >= since)
+    read = source_columns(dataset.schema, columns) if columns else None
+    return upgrade(dataset.to_table(columns=read, filter=pc.field("end_time") >= since))
 
 
 def episode_stats(episodes: pa.Table, *, now_s: float, elapsed_s: float, window: int = 20) -> dict:
     """What the view shows of the episodes closed since the start: per task (success overall and over the
     last ``window`` episodes, takeover rate), per policy version (newest 8), per actor (the version of its
     latest episode), totals, and episodes per hour over the last 10 minutes."""
-    rows = sorted(episodes.select(list(EPISODE_COLUMNS)).to_pylist(), key=lambda r: r["end_time"])
+    rows = sorted(upgrade(episodes).select(list(EPISODE_COLUMNS)).to_pylist(), key=lambda r: r["end_time"])
 
     def success(rs: list[dict]) -> float | None:
         return sum(r["outcome"] == "SUCCESS" for r in rs) / len(rs) if rs else None
@@ -106,15 +108,16 @@ def episode_stats(episodes: pa.Table, *, now_s: float, elapsed_s: float, window:
     def takeovers(rs: list[dict]) -> float | None:
         return sum(r["num_interventions"] > 0 for r in rs) / len(rs) if rs else None
 
-    by: dict[str, dict[str, list[dict]]] = {"task": {}, "policy_version": {}, "actor_id": {}}
+    by: dict[str, dict[str, list[dict]]] = {"task": {}, "policy_version_text": {}, "actor_id": {}}
     for r in rows:
         for key, groups in by.items():
             groups.setdefault(r[key], []).append(r)
     per_task = [{"task": task, "episodes": len(rs), "success_all": success(rs), "success_recent": success(rs[-window:]),
                  "takeover_rate": takeovers(rs)} for task, rs in sorted(by["task"].items())]
-    newest_versions = sorted(by["policy_version"].items(), key=lambda kv: kv[1][-1]["end_time"], reverse=True)[:8]
+    # by the version as the event said it ("12", or "expert" where no registry version acted)
+    newest_versions = sorted(by["policy_version_text"].items(), key=lambda kv: kv[1][-1]["end_time"], reverse=True)[:8]
     per_version = [{"policy_version": v, "episodes": len(rs), "success": success(rs)} for v, rs in newest_versions]
-    actors = [{"actor_id": a, "version": rs[-1]["policy_version"], "episodes": len(rs)}
+    actors = [{"actor_id": a, "version": rs[-1]["policy_version_text"], "episodes": len(rs)}
               for a, rs in sorted(by["actor_id"].items())]
     last10 = sum(r["end_time"].timestamp() >= now_s - 600 for r in rows)
     span = min(600.0, elapsed_s)

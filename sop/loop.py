@@ -25,6 +25,7 @@ from sop import stack
 from sop.live import LiveFeed, episodes_since, gather, kafka_lag, render
 from sop.metrics import plan_ports
 from sop.processes import SopProcess
+from sop.progress import PerKeyBars, mirror_until_done, progress_bars
 from sop.report import write_report
 from sop.settings import Settings, site_environment
 
@@ -112,11 +113,13 @@ class ClosedLoop:
         return SopProcess(args, env=env, settings=settings, log=self.logs / f"{name}.log", own_session=True)
 
     def _run_to_end(self, name: str, args: list[str]) -> None:
-        child = self._child(name, args).start()
+        """Run ``sop <args>`` to its end, drawing the bars it writes to its progress file (``--progress-file``)."""
+        progress = self.settings.run_path / "progress" / f"{name}.json"
+        progress.unlink(missing_ok=True)
+        child = self._child(name, [*args, "--progress-file", str(progress)]).start()
+        self.console.print(f"[green]{name}[/] `sop {' '.join(args)}` (log: {child.log})")
         try:
-            with self.console.status(f"{name}: `sop {' '.join(args)}` (log: {child.log})"):
-                while child.running:
-                    time.sleep(0.5)
+            mirror_until_done(lambda: child.running, progress, self.console)
         except BaseException:  # Ctrl-C: the child is in its own session and did not see it
             child.stop(timeout_s=30)
             raise
@@ -142,12 +145,18 @@ class ClosedLoop:
                                        "--noise", str(self.config.demo_noise), *tasks])
         elif _demo_rows(self.settings) == 0:
             # the counts per task that give a deliberately imperfect base policy (see sim.demos_io)
+            from sim.demos import demo_task
             from sim.demos_io import BASE_DEMOS_PER_TASK, make_demonstrations
 
             lake = Lakehouse(self.settings.lake_root, storage_options=self.settings.lake_storage_options or None)
             counts = {t: BASE_DEMOS_PER_TASK.get(t, 10) for t in (self.config.tasks or BASE_DEMOS_PER_TASK)}
-            with self.console.status("writing scripted-expert demonstrations…"):
-                make_demonstrations(lake, episodes_per_task=counts, noise_sigma=self.config.demo_noise)
+            self.console.print("[green]demos[/] scripted-expert demonstrations, per task:")
+            with progress_bars(self.console) as bars:
+                per_task = PerKeyBars(counts, bars=bars, label="demos ")
+                make_demonstrations(lake, episodes_per_task=counts, noise_sigma=self.config.demo_noise,
+                                    on_episode=lambda episode_id, written: per_task.advance(demo_task(episode_id),
+                                                                                            written=written))
+                per_task.finish()
         self.console.print(f"[green]demonstrations[/] {_demo_rows(self.settings):,} steps")
         if _champion(self.settings) is None:
             self._run_to_end("pretrain", ["pretrain", "--algorithm", self.config.algorithm, "--no-eval"])
@@ -272,7 +281,8 @@ class ClosedLoop:
                                 None if self.settings.mlflow_tracking_uri else self.settings.artifact_root)
         run = client.create_run(exp, run_name=f"sop-run-{stamp}", tags={"sop.kind": "closed-loop"})
         for key in ("episodes", "episodes_per_hour", "success_last_window_mean", "final_rolling_success",
-                    "time_to_0.8_min"):
+                    "time_to_0.8_min", "autonomous_success_last_window_mean", "final_rolling_autonomous_success",
+                    "time_to_0.8_autonomous_min"):
             if isinstance(summary.get(key), int | float):
                 client.log_metric(run.info.run_id, key.replace(".", "_"), float(summary[key]))
         for task, t in summary["tasks"].items():

@@ -2,6 +2,12 @@
 
 Everything is computed from the Delta ``episodes`` table, so a report can be rebuilt for any run
 directory afterwards (``sop run --report-only``) and the numbers match what SQL says.
+
+Two success rates, because the operator is on during a run: *raw* success counts every successful episode,
+also those the operator rescued; *autonomous* success counts only episodes that succeeded with no human step
+(``human_steps = 0`` and no takeover). The headline is the autonomous one. Held-out success (operator off,
+seeds the fleet never saw) is not measured by a run: ``sop eval --version V`` measures it, and a caller that
+did can pass it in (``extra={"held_out": {...}}``).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from lakehouse import upgrade
+
 
 @dataclass(frozen=True)
 class Curves:
@@ -20,19 +28,46 @@ class Curves:
     task: np.ndarray
     success: np.ndarray
     intervened: np.ndarray
-    version: np.ndarray
+    autonomous: np.ndarray  # succeeded with no human step
+    version: np.ndarray  # registry version number (None where the episode's policy had none)
+    version_text: np.ndarray
+
+
+EPISODE_COLUMNS = ["end_time", "task", "outcome", "num_interventions", "human_steps", "policy_version",
+                   "policy_version_text"]
 
 
 def curves(episodes: pa.Table, *, started_at_s: float) -> Curves:
-    rows = sorted(episodes.select(["end_time", "task", "outcome", "num_interventions", "policy_version"]).to_pylist(),
-                  key=lambda r: r["end_time"])
+    rows = sorted(upgrade(episodes).select(EPISODE_COLUMNS).to_pylist(), key=lambda r: r["end_time"])
+    helped = [r["num_interventions"] > 0 or (r["human_steps"] or 0) > 0 for r in rows]
     return Curves(
         t_min=np.array([(r["end_time"].timestamp() - started_at_s) / 60 for r in rows]),
         task=np.array([r["task"] for r in rows]),
         success=np.array([r["outcome"] == "SUCCESS" for r in rows], dtype=float),
         intervened=np.array([r["num_interventions"] > 0 for r in rows], dtype=float),
-        version=np.array([r["policy_version"] for r in rows]),
+        autonomous=np.array([r["outcome"] == "SUCCESS" and not h for r, h in zip(rows, helped, strict=True)],
+                            dtype=float),
+        version=np.array([r["policy_version"] for r in rows], dtype=object),
+        version_text=np.array([r["policy_version_text"] for r in rows], dtype=object),
     )
+
+
+def version_range(c: Curves) -> dict:
+    """The registry versions that ran: first, last, how many; and the other policies' names (e.g. "expert")."""
+    numbers = sorted({int(v) for v in c.version.tolist() if v is not None})
+    other = sorted({str(t) for v, t in zip(c.version.tolist(), c.version_text.tolist(), strict=True) if v is None})
+    return {"first": numbers[0] if numbers else None, "last": numbers[-1] if numbers else None,
+            "count": len(numbers), "other": other}
+
+
+def describe_versions(v: dict) -> str:
+    if not v["count"]:
+        text = "none from the registry"
+    elif v["count"] == 1:
+        text = f"v{v['first']} (1 version)"
+    else:
+        text = f"v{v['first']}–v{v['last']} ({v['count']} versions)"
+    return text + (f"; also {', '.join(v['other'])}" if v["other"] else "")
 
 
 def rolling(values: np.ndarray, window: int) -> np.ndarray:
@@ -61,18 +96,54 @@ def summary(c: Curves, *, window: int = 20) -> dict:
             "episodes": int(m.sum()),
             "success_last_window": float(c.success[m][-window:].mean()) if m.any() else None,
             "success_first_window": float(c.success[m][:window].mean()) if m.any() else None,
+            "autonomous_success_last_window": float(c.autonomous[m][-window:].mean()) if m.any() else None,
             "intervention_rate_last_window": float(c.intervened[m][-window:].mean()) if m.any() else None,
         }
     span_h = max(1e-9, (c.t_min[-1] - c.t_min[0]) / 60) if len(c.t_min) > 1 else None
-    overall = rolling(c.success, window * max(1, len(tasks)))
+    overall_window = window * max(1, len(tasks))
+    overall = rolling(c.success, overall_window)
+    autonomous = rolling(c.autonomous, overall_window)
+
+    def mean_of(key: str) -> float | None:
+        return float(np.mean([v[key] for v in per_task.values()])) if tasks else None
+
     return {
         "episodes": len(c.t_min), "tasks": per_task,
-        "success_last_window_mean": float(np.mean([v["success_last_window"] for v in per_task.values()])) if tasks else None,
+        "success_last_window_mean": mean_of("success_last_window"),
+        "autonomous_success_last_window_mean": mean_of("autonomous_success_last_window"),
         "episodes_per_hour": len(c.t_min) / span_h if span_h else None,
-        "time_to_0.8_min": time_to_target(c.t_min, c.success, target=0.8, window=window * max(1, len(tasks))),
+        # raw: the operator's rescues count as successes
+        "time_to_0.8_min": time_to_target(c.t_min, c.success, target=0.8, window=overall_window),
+        "time_to_0.8_autonomous_min": time_to_target(c.t_min, c.autonomous, target=0.8, window=overall_window),
         "final_rolling_success": float(overall[-1]) if len(overall) else None,
-        "versions": sorted(set(c.version.tolist()), key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v)),
+        "final_rolling_autonomous_success": float(autonomous[-1]) if len(autonomous) else None,
+        "versions": version_range(c),
     }
+
+
+def _minutes(t: float | None) -> str:
+    return f"{t:.1f} min" if t is not None else "not reached"
+
+
+def headline(s: dict, *, window: int) -> list[str]:
+    """The report's first lines: autonomous success first, raw success (rescues counted) beside it."""
+    def rate(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    held = s.get("held_out")
+    if isinstance(held, dict) and held.get("success") is not None:
+        held_text = f"**{rate(held['success'])}**" + (f" ({held['note']})" if held.get("note") else "")
+    else:
+        last = s["versions"].get("last")
+        held_text = "not measured by this run" + (f" (`sop eval --version {last}`)" if last is not None else "")
+    return [
+        f"**Autonomous success** (no human step), last {window} episodes per task: "
+        f"**{rate(s['autonomous_success_last_window_mean'])}**; raw success, the operator's rescues counted: "
+        f"{rate(s['success_last_window_mean'])}.",
+        "",
+        f"Time to rolling autonomous success 0.8: **{_minutes(s['time_to_0.8_autonomous_min'])}** "
+        f"(raw: {_minutes(s['time_to_0.8_min'])}). Held-out success (operator off): {held_text}.",
+    ]
 
 
 def write_report(episodes: pa.Table, out_dir: Path, *, started_at_s: float, title: str, window: int = 20,
@@ -93,10 +164,11 @@ def write_report(episodes: pa.Table, out_dir: Path, *, started_at_s: float, titl
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for task in tasks:
         m = c.task == task
-        ax.plot(c.t_min[m], rolling(c.success[m], window), label=task)
+        (line,) = ax.plot(c.t_min[m], rolling(c.success[m], window), label=task)
+        ax.plot(c.t_min[m], rolling(c.autonomous[m], window), ls=":", c=line.get_color())
     ax.axhline(0.8, ls="--", c="grey", lw=0.8)
     ax.set(xlabel="wall-clock time (min)", ylabel=f"success (rolling {window} episodes)", ylim=(-0.02, 1.02),
-           title="Success rate per task")
+           title="Success per task (solid: raw, dotted: autonomous, no human step)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "success_vs_time.png", dpi=110)
@@ -120,16 +192,18 @@ def write_report(episodes: pa.Table, out_dir: Path, *, started_at_s: float, titl
     fig.savefig(out_dir / "episodes_per_hour.png", dpi=110)
     plt.close(fig)
 
-    lines = [f"# {title}", "", f"Episodes: {s['episodes']}; policy versions: {', '.join(s['versions'])}", "",
-             "| task | episodes | success (first window) | success (last window) | takeovers (last window) |",
-             "|---|---|---|---|---|"]
+    lines = [f"# {title}", "", *headline(s, window=window), "",
+             f"Episodes: {s['episodes']}; policy versions: {describe_versions(s['versions'])}", "",
+             "| task | episodes | success (first window) | success (last window) | autonomous (last window) "
+             "| takeovers (last window) |",
+             "|---|---|---|---|---|---|"]
     for task in tasks:
         t = s["tasks"][task]
         lines.append(f"| {task} | {t['episodes']} | {t['success_first_window']:.2f} | {t['success_last_window']:.2f} "
-                     f"| {t['intervention_rate_last_window']:.2f} |")
+                     f"| {t['autonomous_success_last_window']:.2f} | {t['intervention_rate_last_window']:.2f} |")
     eph = f"{s['episodes_per_hour']:.0f}" if s["episodes_per_hour"] else "-"
-    ttt = f"{s['time_to_0.8_min']:.1f} min" if s["time_to_0.8_min"] is not None else "not reached"
-    lines += ["", f"Episodes per hour: {eph}. Time to rolling success 0.8: {ttt}.", "",
+    lines += ["", f"Episodes per hour: {eph}. Raw success counts the episodes the operator rescued; autonomous "
+              "success only those that succeeded with no human step.", "",
               "![success](success_vs_time.png)", "", "![interventions](interventions_vs_time.png)", "",
               "![throughput](episodes_per_hour.png)", ""]
     (out_dir / "report.md").write_text("\n".join(lines))

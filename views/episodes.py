@@ -20,7 +20,7 @@ from lakehouse import Lakehouse, query
 
 STEP_TABLES = ("steps", "demonstrations")
 STEP_COLUMNS = ("episode_id", "actor_id", "task", "instruction", "step_index", "event_time_us", "policy_version",
-                "images", "proprio", "action", "policy_action", "controller", "env_reward", "success", "reward",
+                "policy_version_text", "images", "proprio", "action", "policy_action", "controller", "env_reward", "success", "reward",
                 "mc_return", "value", "advantage", "advantage_source", "outcome", "episode_length")
 INTERVENTION_COLUMNS = ("episode_id", "kind", "step_index", "event_time_us", "operator_id", "reason")
 
@@ -110,11 +110,12 @@ class Episode:
         return np.array([np.nan if s[column] is None else s[column] for s in self.steps], dtype=np.float64)
 
     def policy_versions(self) -> list[tuple[int, str]]:
-        """(step index, version) where the version the steps were produced by changes (the first step included)."""
+        """(step index, version) where the version the steps were produced by changes (the first step included);
+        the version as the event carried it ("12", or "expert" for a scripted demonstration)."""
         out: list[tuple[int, str]] = []
         for s in self.steps:
-            if not out or out[-1][1] != s["policy_version"]:
-                out.append((int(s["step_index"]), str(s["policy_version"])))
+            if not out or out[-1][1] != s["policy_version_text"]:
+                out.append((int(s["step_index"]), str(s["policy_version_text"])))
         return out
 
     def takeovers(self) -> list[Takeover]:

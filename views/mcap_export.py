@@ -44,7 +44,8 @@ SCHEMAS: Mapping[str, dict[str, Any]] = {
         "step_index": {"type": "integer"}, "proprio": NUMBERS, "controller": {"type": "string"}}},
     "sop.RobotAction": {"type": "object", "properties": {
         "step_index": {"type": "integer"}, "executed": NUMBERS, "proposed": {"type": ["array", "null"], "items": NUMBER},
-        "controller": {"type": "string"}, "human": {"type": "boolean"}, "policy_version": {"type": "string"}}},
+        "controller": {"type": "string"}, "human": {"type": "boolean"},
+        "policy_version": {"type": ["integer", "null"]}, "policy_version_text": {"type": "string"}}},
     "sop.StepRewards": {"type": "object", "properties": {
         "step_index": {"type": "integer"}, "reward": NUMBER, "mc_return": NUMBER, "value": OPTIONAL_NUMBER,
         "advantage": OPTIONAL_NUMBER, "advantage_source": {"type": ["string", "null"]}, "success": {"type": "boolean"}}},
@@ -147,11 +148,12 @@ def write_mcap(episode: Episode, path: str | Path, *, compression: str = "zstd",
                                            "controller": step["controller"]}, t)
             channels.json("/robot/action", {"step_index": step["step_index"], "executed": step["action"],
                                             "proposed": step["policy_action"], "controller": step["controller"],
-                                            "human": human, "policy_version": step["policy_version"]}, t)
+                                            "human": human, "policy_version": step["policy_version"],
+                                            "policy_version_text": step["policy_version_text"]}, t)
             channels.json("/rewards", {k: step[k] for k in ("step_index", "reward", "mc_return", "value", "advantage",
                                                             "advantage_source", "success")}, t)
-            if step["policy_version"] != version:
-                version = step["policy_version"]
+            if step["policy_version_text"] != version:
+                version = step["policy_version_text"]
                 _log(channels, t, Log.Level.INFO, f"policy version {version}")
             if progress is not None:
                 progress(n + 1)

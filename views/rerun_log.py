@@ -22,11 +22,12 @@ Recording properties (``episode``): task, instruction, actor, outcome, policy ve
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -198,18 +199,50 @@ def write_rrd(episodes: Sequence[Episode], path: str | Path, *,
     return out
 
 
+class ViewerUnavailableError(RuntimeError):
+    """No Rerun viewer can be started or reached: the message says why and what to do instead."""
+
+
+def viewer_executable() -> str | None:
+    """The Rerun viewer that ships with rerun-sdk: next to this Python (a virtual environment that is not
+    activated is not on PATH), else the first ``rerun`` on PATH."""
+    beside = Path(sys.executable).parent / "rerun"
+    return str(beside) if beside.is_file() else shutil.which("rerun")
+
+
+def spawn_problem(env: Mapping[str, str] | None = None, platform: str = sys.platform) -> str | None:
+    """Why a native viewer cannot be spawned here (None when it can be tried): no viewer executable, or, on
+    Linux, no display (the viewer would die at once, and the SDK would drop the data after ~10 s)."""
+    env = os.environ if env is None else env
+    if viewer_executable() is None:
+        return "the Rerun viewer executable (installed with rerun-sdk) is not next to this Python nor on PATH"
+    if platform.startswith("linux") and not any(env.get(k) for k in ("DISPLAY", "WAYLAND_DISPLAY", "WAYLAND_SOCKET")):
+        return "there is no display (neither DISPLAY nor WAYLAND_DISPLAY is set), so a viewer window cannot open"
+    return None
+
+
 def stream_to_viewer(episodes: Sequence[Episode], *, spawn: bool = False, url: str | None = None,
-                     progress: Callable[[Episode], None] | None = None) -> None:
-    """Send ``episodes`` to a Rerun viewer: a new one (``spawn``) or one listening at ``url``
-    (``rerun+http://host:9876/proxy``; the default when neither is given)."""
+                     progress: Callable[[Episode], None] | None = None, flush_timeout_s: float = 10.0) -> None:
+    """Send ``episodes`` to a Rerun viewer: a new one (``spawn``) or the viewer or gRPC server listening at ``url``
+    (``rerun+http://host:9876/proxy``; the default when neither is given). :class:`ViewerUnavailableError` when
+    no viewer can be spawned here or nothing answers at ``url`` within ``flush_timeout_s``."""
+    if spawn:
+        problem = spawn_problem()
+        if problem:
+            raise ViewerUnavailableError(problem)
     for n, episode in enumerate(episodes):
         rec = recording(episode)
         if spawn and n == 0:
-            rec.spawn()
+            rr.spawn(executable_path=viewer_executable(), recording=rec)
         else:
             rec.connect_grpc(url) if url else rec.connect_grpc()
         log_episode(rec, episode)
-        rec.flush()
-        rec.disconnect()
+        try:
+            rec.flush(timeout_sec=flush_timeout_s)
+        except RuntimeError as exc:  # the SDK's way of saying that nothing accepted the connection
+            raise ViewerUnavailableError(f"the recording could not be delivered to "
+                                         f"{url or 'the default viewer address'}: {exc}") from None
+        finally:
+            rec.disconnect()
         if progress is not None:
             progress(episode)

@@ -46,7 +46,8 @@ from bridges.lerobot.stats import (
     vector_stats,
 )
 from bridges.lerobot.video import VideoCodec, VideoFileWriter, video_info
-from lakehouse import Lakehouse
+from lakehouse import Lakehouse, upgrade
+from lakehouse.sql import register
 
 TABLES = ("steps", "demonstrations")
 _NEEDED = ("episode_id", "step_index", "task", "instruction", "proprio", "action", "images")
@@ -123,7 +124,7 @@ def plan_export(lake: Lakehouse, table: str = "steps", where: str | None = None)
     dt = lake.table(table, create=False)
     dataset = dt.to_pyarrow_dataset()
     con = duckdb.connect()
-    con.register("t", dataset)
+    register(con, "t", dataset)  # a table of the old shape reads as the current one (policy_version a number)
     try:
         rows = con.sql(f"SELECT episode_id, count(*) AS n FROM t WHERE {where or 'TRUE'} GROUP BY episode_id "
                        "ORDER BY episode_id").fetchall()
@@ -145,7 +146,7 @@ def _episodes(dataset: ds.Dataset, plan: Plan, where: str | None, batch_rows: in
     try:
         for batch in dataset.to_batches(filter=pc.field("episode_id").isin(ids), batch_size=batch_rows,
                                           batch_readahead=2, fragment_readahead=1):
-            rows = pa.Table.from_batches([batch])
+            rows = upgrade(pa.Table.from_batches([batch]))
             if where:
                 rows = rows.filter(_keep_mask(con, rows, where))
             if rows.num_rows == 0:
@@ -279,7 +280,7 @@ class _DatasetWriter:
             "value": _floats(rows.column("value")),
             "mc_return": _floats(rows.column("mc_return")),
             "env_reward": _floats(rows.column("env_reward")),
-            "policy_version": rows.column("policy_version").to_pylist(),
+            "policy_version": rows.column("policy_version_text").to_pylist(),  # as the event said it: "12", "expert"
             "advantage_source": [s or "" for s in rows.column("advantage_source").to_pylist()],
             "step_index": np.asarray(rows.column("step_index").to_pylist(), np.int64),
             "event_time_us": np.asarray(rows.column("event_time_us").to_pylist(), np.int64),

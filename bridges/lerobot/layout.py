@@ -34,7 +34,7 @@ advantage, value            advantage, value                      NaN where SOP 
 mc_return                   mc_return
 env_reward                  env_reward                            NaN where SOP has none
 policy_action               policy_action                         the clean label; NaN where SOP has none
-policy_version              policy_version                        string
+policy_version              policy_version_text                   string: the version as the event said it ("12", "expert")
 advantage_source            advantage_source                      string, "" where SOP has none
 step_index, event_time_us   step_index, event_time_us             SOP's own step number and clock
 ==========================  ====================================  =========================================
@@ -91,7 +91,7 @@ SCALAR_EXTRAS: dict[str, tuple[str, str]] = {
     "value": ("float32", "value"),
     "mc_return": ("float32", "mc_return"),
     "env_reward": ("float32", "env_reward"),
-    "policy_version": ("string", "policy_version"),
+    "policy_version": ("string", "policy_version_text"),
     "advantage_source": ("string", "advantage_source"),
     "step_index": ("int64", "step_index"),
     "event_time_us": ("int64", "event_time_us"),

@@ -16,17 +16,10 @@ import os
 
 import click
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from sim.tasks import DEMO_SEEDS
 from sop.actor_settings import load_actor_settings, parse_tasks
+from sop.progress import PerKeyBars, ProgressFile, progress_bars
 from sop.settings import load_settings
 
 
@@ -37,8 +30,10 @@ from sop.settings import load_settings
 @click.option("--tasks", default=None, help="Comma-separated tasks [default: SOP_ACTOR_TASKS].")
 @click.option("--seed-start", default=DEMO_SEEDS.start, show_default=True, help="Placement seed of episode 0.")
 @click.option("--image-size", type=int, default=None, help="Camera image side [default: SOP_ACTOR_IMAGE_SIZE].")
+@click.option("--progress-file", type=click.Path(dir_okay=False), default=None,
+              help="Also write the progress per task to this JSON file, for a parent process to show (sop run).")
 def command(episodes_per_task: int, noise_sigma: float, tasks: str | None, seed_start: int,
-            image_size: int | None) -> None:
+            image_size: int | None, progress_file: str | None) -> None:
     """Write noisy scripted-expert demonstrations into the Delta `demonstrations` table (idempotent)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     settings = load_settings()
@@ -61,24 +56,23 @@ def command(episodes_per_task: int, noise_sigma: float, tasks: str | None, seed_
     console = Console()
     from lakehouse import Lakehouse
     from rewards.config import RecapConfig
+    from sim.demos import demo_task
     from sim.demos_io import make_demonstrations
 
     lake = Lakehouse(settings.lake_root, storage_options=settings.lake_storage_options)
     recap = RecapConfig(max_episode_length=settings.max_episode_steps, c_fail=settings.recap_c_fail)
-    with Progress(TextColumn("[bold]demos[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as progress:
-        bar = progress.add_task("", total=len(task_list) * episodes_per_task, note="")
-        seen = {"written": 0, "skipped": 0}
+    with progress_bars(console) as progress:
+        per_task = PerKeyBars(dict.fromkeys(task_list, episodes_per_task), bars=progress,
+                              out=ProgressFile(progress_file), label="demos ")
 
-        def advance(_episode_id: str, written: bool) -> None:
-            seen["written" if written else "skipped"] += 1
-            progress.update(bar, advance=1, note=f"{seen['written']} written · {seen['skipped']} skipped")
+        def advance(episode_id: str, written: bool) -> None:
+            per_task.advance(demo_task(episode_id), written=written)
 
         report = make_demonstrations(lake, episodes_per_task=episodes_per_task, tasks=task_list,
                                      noise_sigma=noise_sigma, image_size=size, cameras=actor_settings.cameras,
                                      jpeg_quality=actor_settings.actor_jpeg_quality, seed_start=seed_start,
                                      max_steps=settings.max_episode_steps, recap=recap, on_episode=advance)
-        progress.update(bar, completed=len(task_list) * episodes_per_task)
+        per_task.finish()
     done = report.episodes_written
     console.print(f"demonstrations: wrote {done} episode(s) ({report.rows_written:,} rows; noisy expert success "
                   f"{report.successes / done if done else float('nan'):.2f}), skipped {report.episodes_skipped} "

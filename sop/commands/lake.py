@@ -1,4 +1,4 @@
-"""`sop lake compact | vacuum | history`: maintenance of the Delta tables."""
+"""`sop lake compact | vacuum | history | migrate`: maintenance of the Delta tables."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _lake() -> Lakehouse:
 
 @click.group("lake")
 def command() -> None:
-    """Compact small files, vacuum old ones, show a table's commit history."""
+    """Compact small files, vacuum old ones, show a table's commit history, migrate old tables."""
 
 
 @command.command("compact")
@@ -60,3 +60,24 @@ def history_cmd(table: str, limit: int) -> None:
         metrics = ", ".join(f"{k}={v}" for k, v in (c.metrics or {}).items() if k.startswith("num"))
         out.add_row(str(c.version), str(c.timestamp), c.operation, metrics[:80])
     Console().print(out)
+
+
+@command.command("migrate")
+@click.argument("tables", nargs=-1, type=TABLE_CHOICE)
+@click.option("--dry-run", is_flag=True, help="Only list the tables that need it.")
+def migrate_cmd(tables: tuple[str, ...], dry_run: bool) -> None:
+    """Rewrite tables written by older SOP to the current definition (policy_version text -> int64).
+
+    Every writer (the processor, `sop demos`, `sop import`) does this by itself before its first write, and every
+    reader reads old tables as they are; this runs it ahead, e.g. before external tools (Spark, DuckDB) read the
+    tables. Stop processors of the old code first: their rows no longer fit a migrated table.
+    """
+    lake = _lake()
+    for name in tables or lake.existing():
+        pending = lake.pending_migrations(name)
+        if not pending:
+            click.echo(f"{name}: current")
+        elif dry_run:
+            click.echo(f"{name}: needs {', '.join(pending)}")
+        else:
+            click.echo(f"{name}: {', '.join(pending)} at version {lake.migrate(name)}")

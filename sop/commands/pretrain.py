@@ -10,7 +10,6 @@ import json
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from sop.learner_settings import (
@@ -20,7 +19,10 @@ from sop.learner_settings import (
     quiet_mlflow,
     text_encoder,
 )
+from sop.progress import ProgressFile, progress_bars
 from sop.settings import load_settings
+
+BAR = "behaviour cloning"
 
 
 @click.command("pretrain")
@@ -31,8 +33,10 @@ from sop.settings import load_settings
 @click.option("--eval/--no-eval", "evaluate", default=False, help="Evaluate the base policy on held-out seeds.")
 @click.option("--eval-episodes", type=int, default=None, help="Episodes per task of --eval (SOP_EVAL_EPISODES).")
 @click.option("--no-promote", is_flag=True, help="Register the version without moving the champion alias.")
+@click.option("--progress-file", type=click.Path(dir_okay=False), default=None,
+              help="Also write the progress (step, loss) to this JSON file, for a parent process to show (sop run).")
 def command(steps: int | None, algorithm: str | None, tasks: str | None, evaluate: bool, eval_episodes: int | None,
-            no_promote: bool) -> None:
+            no_promote: bool, progress_file: str | None) -> None:
     """Train the base policy from the demonstrations and register it as the champion."""
     import torch
     from mlflow.entities import Metric, RunStatus
@@ -46,6 +50,7 @@ def command(steps: int | None, algorithm: str | None, tasks: str | None, evaluat
 
     quiet_mlflow()
     shared = load_settings()
+    progress_out = ProgressFile(progress_file)
     settings = load_learner_settings(**({"pretrain_steps": steps} if steps is not None else {}),
                                      **({"eval_episodes": eval_episodes} if eval_episodes is not None else {}))
     if settings.learn_threads is not None:
@@ -55,6 +60,7 @@ def command(steps: int | None, algorithm: str | None, tasks: str | None, evaluat
     model_cfg = settings.policy_config()
     recap = settings.recap_config(shared)
     console = Console()
+    progress_out.update(BAR, completed=0, total=settings.pretrain_steps, note="loading the text encoder")
     tracking_uri = prepare_registry(shared)
     lake = open_lake(shared)
     text = text_encoder(shared)
@@ -64,14 +70,16 @@ def command(steps: int | None, algorithm: str | None, tasks: str | None, evaluat
     client.log_param(run_id, "model", json.dumps(to_dict(model_cfg)))
     client.log_param(run_id, "train", json.dumps(to_dict(train)))
     client.log_param(run_id, "steps", settings.pretrain_steps)
+    progress_out.update(BAR, note="reading the demonstrations")
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      TextColumn("{task.fields[loss]}"), console=console, transient=True) as bar:
-            job = bar.add_task("behaviour cloning", total=settings.pretrain_steps, loss="")
+        with progress_bars(console, transient=True) as bar:
+            job = bar.add_task(BAR, total=settings.pretrain_steps, note="reading the demonstrations")
 
             def on_step(step: int, metrics: dict[str, float]) -> None:
-                if step % 25 == 0:
-                    bar.update(job, completed=step, loss=f"loss {metrics['loss']:.4f}")
+                if step % 25 == 0 or step == settings.pretrain_steps:
+                    note = f"loss {metrics['loss']:.4f}"
+                    bar.update(job, completed=step, note=note)
+                    progress_out.update(BAR, completed=step, note=note)
                     client.log_batch(run_id, metrics=[Metric("loss", float(metrics["loss"]), 0, step)])
 
             result = pretrain_policy(lake, text, steps=settings.pretrain_steps, model=model_cfg, train=train,
@@ -82,6 +90,7 @@ def command(steps: int | None, algorithm: str | None, tasks: str | None, evaluat
         raise click.ClickException(str(exc)) from None
     condition = make_algorithm(train.algorithm, recap).condition
     final_loss = sum(result.losses[-100:]) / len(result.losses[-100:])
+    progress_out.update(BAR, completed=settings.pretrain_steps, note=f"loss {final_loss:.4f} (last 100 steps); registering")
     lineage = {"phase": "pretrain", "algorithm": train.algorithm, "learner_step": settings.pretrain_steps,
                "delta_versions": result.versions, "demonstration_episodes": result.episodes.get("demonstrations", 0),
                "demonstration_rows": {t: s["offline"] for t, s in result.rows.items()}, "run_id": run_id}

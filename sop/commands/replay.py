@@ -178,6 +178,12 @@ STEP_FIELDS = ("episode_id", "actor_id", "task", "instruction", "step_index", "e
                "images", "proprio", "action", "policy_action", "controller", "env_reward", "success")
 
 
+def _wire_version(row: dict) -> str:
+    """The policy version as the events carry it (text): the stored text, or the number of a row without it."""
+    text = row.get("policy_version_text")
+    return str(text if text is not None else row["policy_version"])
+
+
 def publish_episodes(rows: list[dict], sink, *, keep_ids: bool = False, copies: int = 1) -> dict:  # noqa: ANN001
     """Stored step rows (ordered by episode, step) → STARTED, Steps, ENDED records on ``sink``."""
     episodes: dict[str, list[dict]] = {}
@@ -190,12 +196,12 @@ def publish_episodes(rows: list[dict], sink, *, keep_ids: bool = False, copies: 
             first, last = steps[0], steps[-1]
             now = time.time_ns() // 1000
             head = {"episode_id": new_id, "actor_id": first["actor_id"], "task": first["task"],
-                    "instruction": first["instruction"], "policy_version": first["policy_version"]}
+                    "instruction": first["instruction"], "policy_version": _wire_version(first)}
             sink.publish("EpisodeEvent", {**head, "kind": "STARTED", "event_time_us": now, "seed": None,
                                           "outcome": None, "num_steps": None}, key=new_id)
             for row in steps:
                 rec = {k: row[k] for k in STEP_FIELDS}
-                rec["episode_id"] = new_id
+                rec["episode_id"], rec["policy_version"] = new_id, _wire_version(row)
                 sink.publish("Step", rec, key=new_id)
                 n_steps += 1
             sink.publish("EpisodeEvent", {**head, "kind": "ENDED", "event_time_us": time.time_ns() // 1000,

@@ -7,6 +7,7 @@ from rich.console import Console
 
 from sop.cli_options import PROFILE_OPTION
 from sop.loop import ClosedLoop, LoopConfig
+from sop.report import describe_versions
 from sop.settings import load_settings
 
 
@@ -45,5 +46,7 @@ def command(profile: str | None, processors: int | None, actors: int, minutes: f
     summary = ClosedLoop(settings, config, console=console).run()
     if summary:
         for task, t in sorted(summary["tasks"].items()):
-            console.print(f"{task:>24}: {t['episodes']:4d} episodes, success (last {config.target_window}) "
+            console.print(f"{task:>24}: {t['episodes']:4d} episodes, last {config.target_window}: autonomous success "
+                          f"{t['autonomous_success_last_window']:.2f}, raw (rescues counted) "
                           f"{t['success_last_window']:.2f}")
+        console.print(f"policy versions: {describe_versions(summary['versions'])}")

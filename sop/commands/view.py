@@ -50,15 +50,25 @@ def episode_options(command: click.Command) -> click.Command:
 @episode_options
 @click.option("--save", "save", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write an .rrd file (one recording per episode) instead of opening a viewer.")
-@click.option("--spawn", is_flag=True, help="Start a Rerun viewer and stream to it (the default).")
-@click.option("--connect", "url", default=None, help="Stream to a running viewer, e.g. rerun+http://127.0.0.1:9876/proxy.")
+@click.option("--spawn", is_flag=True, help="Start a Rerun viewer and stream to it (the default; needs a display).")
+@click.option("--connect", "url", default=None,
+              help="Stream to a running viewer or Rerun gRPC server (`rerun --serve-grpc`), e.g. "
+                   "rerun+http://127.0.0.1:9876/proxy.")
 def command(episode_ids: tuple[str, ...], where: str | None, table: str | None, limit: int, save: Path | None,
             spawn: bool, url: str | None) -> None:
     """Show stored episodes in Rerun: cameras, state, executed vs proposed action, takeovers, rewards."""
     if sum(bool(x) for x in (save, spawn, url)) > 1:
         raise click.UsageError("give one of --save, --spawn, --connect")
-    from views.rerun_log import stream_to_viewer, write_rrd
+    from views.rerun_log import ViewerUnavailableError, spawn_problem, stream_to_viewer, write_rrd
 
+    if not episode_ids and not where:
+        raise click.UsageError("name one or more EPISODE_IDs, or select them with --where")
+    if save is None and url is None:  # --spawn, or no choice (the same)
+        problem = spawn_problem()
+        if problem:
+            raise click.ClickException(f"cannot open a Rerun viewer here: {problem}. Instead: --save FILE.rrd "
+                                       "(then `rerun FILE.rrd` where there is a display), or --connect URL to a viewer "
+                                       "or `rerun --serve-grpc` running elsewhere")
     episodes = open_episodes(episode_ids, where, table, limit)
     console = Console(stderr=True)
     with Progress(TextColumn("[bold]rerun"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
@@ -71,7 +81,11 @@ def command(episode_ids: tuple[str, ...], where: str | None, table: str | None, 
         if save is not None:
             write_rrd(episodes, save, progress=done)
         else:
-            stream_to_viewer(episodes, spawn=url is None, url=url, progress=done)
+            try:
+                stream_to_viewer(episodes, spawn=url is None, url=url, progress=done)
+            except ViewerUnavailableError as exc:
+                raise click.ClickException(f"{exc}. Is a viewer (`rerun`) or a server (`rerun --serve-grpc`) "
+                                           "listening there?") from None
     steps = sum(e.num_steps for e in episodes)
     where_to = f"wrote {save} ({save.stat().st_size / 2**20:,.1f} MiB); open it with `rerun {save}`" if save else \
         f"sent to the viewer at {url}" if url else "sent to the spawned viewer"

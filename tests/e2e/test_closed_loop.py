@@ -102,7 +102,7 @@ def test_sop_run_registers_versions_actors_follow_and_ctrl_c_loses_nothing(tmp_p
 
         lake = Lakehouse(str(run_dir / "lake"))
         acted = query(lake, "SELECT DISTINCT actor_id, policy_version FROM episodes").to_pylist()
-        followed = {r["actor_id"] for r in acted if r["policy_version"].isdigit() and int(r["policy_version"]) > base}
+        followed = {r["actor_id"] for r in acted if r["policy_version"] is not None and r["policy_version"] > base}
         assert followed == {"actor-00", "actor-01"}, acted  # both actors switched to learner versions
 
         in_delta = set(query(lake, "SELECT episode_id FROM episodes").column(0).to_pylist())
@@ -118,6 +118,13 @@ def test_sop_run_registers_versions_actors_follow_and_ctrl_c_loses_nothing(tmp_p
             assert (folder / name).stat().st_size > 0, name
         summary = json.loads((folder / "summary.json").read_text())
         assert summary["episodes"] == len(in_delta)
+        ran = sorted({r["policy_version"] for r in acted if r["policy_version"] is not None})
+        assert {k: summary["versions"][k] for k in ("first", "last", "count")} == \
+            {"first": ran[0], "last": ran[-1], "count": len(ran)}
+        report = reports[0].read_text()
+        assert f"v{ran[0]}–v{ran[-1]} ({len(ran)} versions)" in report and "Autonomous success" in report
+        run_log = (tmp_path / "sop-run.log").read_text()
+        assert "behaviour cloning" in run_log and "loss" in run_log, run_log[-3000:]  # pretraining showed progress
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -48,8 +48,11 @@ def test_pretrain_train_value_promote_rollback(env: str, tmp_path: Path) -> None
     uri = env
     fill_tables(Lakehouse(tmp_path / "lake"), tasks=("drawer-open-v3", "box-close-v3"), demos_per_task=2,
                 online_per_task=2, length=20, image_size=32)
-    out = sop("pretrain", "--eval", "--eval-episodes", "1", "--tasks", "drawer-open-v3")
+    progress = tmp_path / "pretrain-progress.json"
+    out = sop("pretrain", "--eval", "--eval-episodes", "1", "--tasks", "drawer-open-v3", "--progress-file", str(progress))
     assert "registered" in out and "drawer-open-v3" in out
+    bar = json.loads(progress.read_text())["bars"]["behaviour cloning"]  # what `sop run` shows while it trains
+    assert bar["completed"] == bar["total"] == 20 and "loss" in bar["note"]
     assert champion(uri) == "1"
     base = registry.load_version("sop-policy", "1", tracking_uri=uri)
     assert base.lineage["phase"] == "pretrain" and base.lineage["learner_step"] == 20

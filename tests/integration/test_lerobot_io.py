@@ -102,7 +102,7 @@ def test_lerobot_itself_loads_the_export(tmp_path: Path) -> None:
         row = source[(item["sop_episode_id"], item["frame_index"])]  # synthetic steps are numbered from 0
         assert item["index"] in indices and item["timestamp"] == pytest.approx(item["frame_index"] / 30, abs=1e-6)
         assert item["state"] == list(np.float32(row["proprio"])) and item["action"] == list(np.float32(row["action"]))
-        assert item["task"] == row["instruction"] and item["policy_version"] == row["policy_version"]
+        assert item["task"] == row["instruction"] and item["policy_version"] == row["policy_version_text"]  # text
         assert item["reward"] == pytest.approx(row["reward"]) and item["done"] == (item["frame_index"] == row["episode_length"] - 1)
         assert item["intervention"] == (row["controller"] == "HUMAN")
         assert item["image_shape"] == [3, 64, 64]

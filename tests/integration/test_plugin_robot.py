@@ -58,7 +58,7 @@ def test_a_robot_from_outside_sop_streams_episodes_into_delta(kafka, topics, mlf
     assert sum(e["num_steps"] for e in episodes) == final.steps
     steps = query(lh, "SELECT proprio, action, policy_action, controller, images, policy_version FROM steps").to_pylist()
     assert len(steps) == final.steps
-    assert all(len(s["proprio"]) == 4 and len(s["action"]) == 2 and s["policy_version"] == version for s in steps)
+    assert all(len(s["proprio"]) == 4 and len(s["action"]) == 2 and s["policy_version"] == int(version) for s in steps)
     assert {(i["camera"], i["width"], i["height"]) for s in steps for i in s["images"]} == {("overhead", 24, 24)}
     human = [s for s in steps if s["controller"] == "HUMAN"]
     assert human and len(human) == sum(e["human_steps"] for e in episodes)

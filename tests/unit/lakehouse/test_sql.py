@@ -60,7 +60,7 @@ def test_every_example_query_runs(filled: Lakehouse, name: str) -> None:
 def test_success_rate_per_task_and_policy_version(filled: Lakehouse) -> None:
     rows = query(filled, EXAMPLES["success_rate_by_task_and_policy"]).to_pylist()
     got = {(r["task"], r["policy_version"]): (r["episodes"], r["success_rate"]) for r in rows}
-    assert got == {("drawer-open-v3", "2"): (2, 0.5), ("reach-v3", "1"): (2, 0.5), ("reach-v3", "2"): (1, 1.0)}
+    assert got == {("drawer-open-v3", 2): (2, 0.5), ("reach-v3", 1): (2, 0.5), ("reach-v3", 2): (1, 1.0)}
 
 
 def test_intervention_rate_per_actor(filled: Lakehouse) -> None:

@@ -28,7 +28,9 @@ AVSC_DIR = Path(__file__).resolve().parents[3] / "schemas" / "avsc"
 PRIMITIVES = {"string": pa.string(), "int": pa.int32(), "long": pa.int64(), "float": pa.float32(),
               "double": pa.float64(), "boolean": pa.bool_(), "bytes": pa.binary()}
 # Avro type -> column type conversions a table may apply when it stores a field under another name.
-CONVERSIONS = {(pa.int64(), TIMESTAMP)}
+# (Avro type, column type) pairs the lakehouse converts: event microseconds to timestamps, and the policy version's
+# text to its number (``tables.upgrade``; the text itself is kept in ``policy_version_text``)
+CONVERSIONS = {(pa.int64(), TIMESTAMP), (pa.string(), pa.int64())}
 
 
 def avro_to_arrow(avro: Any) -> tuple[pa.DataType, bool]:

@@ -128,3 +128,23 @@ def test_config_is_validated() -> None:
         FeederConfig(tables=("interventions",))
     with pytest.raises(ConfigError, match="shard"):
         FeederConfig(shard=(2, 2))
+
+
+def test_a_lake_written_before_versions_were_numbers_feeds_the_learner_across_its_migration(lake: Lakehouse) -> None:
+    from lakehouse import DEMONSTRATIONS, STEPS
+    from tests.old_tables import create_old, write_old
+
+    create_old(lake, DEMONSTRATIONS)
+    create_old(lake, STEPS)
+    write_old(lake, DEMONSTRATIONS, episode("drawer-open-v3", "d0", demo=True))
+    write_old(lake, STEPS, episode("drawer-open-v3", "o0", demo=False))
+    sampler = make_sampler()
+    feeder = DeltaFeeder(lake, sampler, FeederConfig())
+    feeder.load_initial()  # reads the old tables as they are
+    assert sampler.sizes() == {"drawer-open-v3": {"online": 12, "offline": 12}}
+    write_old(lake, STEPS, episode("drawer-open-v3", "o1", demo=False, t0_us=10**6))  # the old processor, still on
+    # the upgraded processor: migrates the table (a rewrite of every row), then appends
+    write_rows(lake, "steps", episode("drawer-open-v3", "o2", demo=False, t0_us=2 * 10**6), app_id_prefix="new")
+    assert feeder.poll_once() == 2  # o1 and o2, each once: the rewrite of o0 and o1 is not new data
+    assert sampler.sizes()["drawer-open-v3"]["online"] == 36
+    assert feeder.poll_once() == 0

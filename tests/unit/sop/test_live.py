@@ -18,7 +18,8 @@ def episodes(rows: list[tuple[str, str, float, int, str, str]]) -> pa.Table:
         "task": [r[0] for r in rows], "outcome": [r[1] for r in rows],
         "end_time": pa.array([datetime.fromtimestamp(T0 + r[2], UTC) for r in rows], pa.timestamp("us", tz="UTC")),
         "num_interventions": pa.array([r[3] for r in rows], pa.int32()),
-        "policy_version": [r[4] for r in rows], "actor_id": [r[5] for r in rows],
+        # the version as tables written before it became a number held it (text): episode_stats reads both
+        "policy_version": pa.array([r[4] for r in rows], pa.string()), "actor_id": [r[5] for r in rows],
     })
 
 
