@@ -24,7 +24,7 @@ VERBS = {
     "export": "export", "import": "import_data",
     # learner and registry
     "learn": "learn", "pretrain": "pretrain", "train-value": "train_value", "promote": "promote",
-    "rollback": "rollback",
+    "rollback": "rollback", "registry": "registry",
     # the whole loop
     "run": "run", "eval": "eval",
     # the data in other tools

@@ -49,30 +49,22 @@ def test_three_brokers_and_every_topic_replicated_three_times(cluster: ClusterUn
 
 
 def test_registry_is_postgres_backed_and_keeps_artifacts_in_the_bucket(cluster: ClusterUnderTest) -> None:
-    import mlflow
     import psycopg
 
-    from infra.registry import (
-        ensure_registered_model,
-        experiment_id,
-        register_pyfunc_version,
-        registry_client,
-    )
-
-    class Echo(mlflow.pyfunc.PythonModel):
-        def __init__(self, version: str) -> None:
-            self.version = version
-
-        def predict(self, context, model_input):  # noqa: ANN001, ANN201 - MLflow's signature
-            return model_input
+    from infra.model_versions import fetch_version, publish_files, write_config
+    from infra.registry import ensure_registered_model, experiment_id, registry_client
 
     settings = cluster.settings()
     assert settings.tracking_uri.startswith("http://127.0.0.1:")  # clients speak HTTP only
     client = registry_client(settings.tracking_uri)
     name = f"probe-{uuid.uuid4().hex[:8]}"
     ensure_registered_model(client, name)
-    version = register_pyfunc_version(client, name=name, experiment_id=experiment_id(client, "sop"),
-                                      make_model=Echo, pip_requirements=[], alias="champion")
+    def files(directory: Path) -> None:
+        write_config(directory, kind="policy", architecture="probe")
+        (directory / "weights.safetensors").write_bytes(b"\0" * 16)
+
+    version = publish_files(client, name=name, experiment_id=experiment_id(client, "sop"), write=files,
+                            alias="champion")
     assert client.get_model_version_by_alias(name, "champion").version == version
 
     pg = local_cluster(settings).postgres
@@ -85,10 +77,9 @@ def test_registry_is_postgres_backed_and_keeps_artifacts_in_the_bucket(cluster: 
 
     s3 = local_cluster(settings).s3.client()
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="sop", Prefix="mlartifacts/").get("Contents", [])]
-    assert any(k.endswith("/MLmodel") for k in keys), keys
-    source = client.get_model_version_download_uri(name, version)
-    downloaded = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=settings.tracking_uri)
-    assert "MLmodel" in {p.name for p in Path(downloaded).iterdir()}
+    assert any(k.endswith("/weights.safetensors") for k in keys), keys
+    local = fetch_version(client, name, version, dst=cluster.run_dir / "probe-download")  # hashes checked
+    assert sorted(local.files) == ["config.json", "weights.safetensors"] and local.architecture == "probe"
 
 
 def test_conditional_writes_are_atomic_on_the_s3_server(cluster: ClusterUnderTest) -> None:
