@@ -44,13 +44,14 @@ class RegistryValueSource:
         try:
             if self.alias:
                 try:
-                    return client.get_model_version_by_alias(self.name, self.alias).version
+                    return str(client.get_model_version_by_alias(self.name, self.alias).version)
                 except MlflowException:
                     pass
             versions = client.search_model_versions(f"name = '{self.name}'")
         except MlflowException:
             return None
-        return max((v.version for v in versions), key=int, default=None)
+        newest = max((v.version for v in versions), key=int, default=None)
+        return None if newest is None else str(newest)
 
     def refresh(self) -> None:
         if self.tracking_uri is None or time.monotonic() - self._checked_at < self.poll_s:

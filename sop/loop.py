@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -107,8 +108,18 @@ class ClosedLoop:
 
     # -- steps -----------------------------------------------------------------------------------
     def _child(self, name: str, args: list[str], *, settings: dict | None = None) -> SopProcess:
-        env = {"SOP_RUN_DIR": str(self.settings.run_path), **self.site_env, **self.config.extra_env}
+        env = {"SOP_RUN_DIR": str(self.settings.run_path), **self.site_env, **self._registry_role(name),
+               **self.config.extra_env}
         return SopProcess(args, env=env, settings=settings, log=self.logs / f"{name}.log", own_session=True)
+
+    def _registry_role(self, name: str) -> dict[str, str]:
+        """With security: each child runs as its role's registry user (none for children that need no registry)."""
+        if not self.settings.security:
+            return {}
+        role = next((r for prefix, r in (("processor", "processor"), ("learner", "learner"), ("pretrain", "learner"),
+                                         ("actor", "actor")) if name.startswith(prefix)), None)
+        return stack.role_env(self.settings, role) if role else {"MLFLOW_TRACKING_USERNAME": "",
+                                                                  "MLFLOW_TRACKING_PASSWORD": ""}
 
     def _run_to_end(self, name: str, args: list[str]) -> None:
         child = self._child(name, args).start()
@@ -127,6 +138,9 @@ class ClosedLoop:
             info = stack.up(self.settings)
         if info.settings is not None:
             self.settings = info.settings  # under the cluster profile: with the endpoints it started
+        if self.settings.security:  # this process set the stack up: it reads and reports as the admin
+            for key, value in stack.role_env(self.settings, "admin").items():
+                os.environ.setdefault(key, value)
         if self.settings.profile == "cluster":
             # The processor, learner and actors run as on machines of a real site: the embedded profile with every
             # endpoint set explicitly (Kafka, registry over HTTP, the lake in the bucket), nothing read from here.

@@ -212,3 +212,32 @@ def test_value_model_round_trip(tracking_uri: str, tmp_path: Path, rng: np.rando
     values = loaded.values_for_rows(rows)
     assert values.shape == (7,) and ((values >= -1.0) & (values <= 0.0)).all()
     np.testing.assert_array_equal(values, local.values_for_rows(rows))
+
+
+def test_the_processor_refuses_a_tampered_value_version_and_keeps_its_own(tracking_uri: str,
+                                                                          rng: np.random.Generator) -> None:
+    from consumers.values import RegistryValueSource
+    from sop.architectures import value_architectures
+
+    torch.manual_seed(0)
+    model = ValueModel(ValueConfig(encoder=ENC, hidden=(64,))).eval()
+    kw = {"tracking_uri": tracking_uri, "embeddings": embeddings(), "experiment": EXPERIMENT}
+    assert registry.register_value(model, **kw) == "1"
+    source = RegistryValueSource(tracking_uri=tracking_uri, poll_s=1e-9, architectures=value_architectures())
+    source.refresh()
+    assert source.version == "1" and source.source_label == "value_model:sop-value/1"
+    rows = make_episode("reach-v3", 5, rng)
+    expected = ValueRuntime(model, HashEmbedder(), version="x").values_for_rows(rows)
+    np.testing.assert_array_equal(source("reach-v3", rows), expected)
+
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert registry.register_value(model, **kw) == "2"
+    client = MlflowClient(tracking_uri)
+    stored = Path(client.get_model_version_download_uri("sop-value", "2").removeprefix("file://"))
+    weights = stored / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    source.refresh()
+    assert source.version == "1" and "weights.safetensors has SHA-256" in source.refused["2"]
+    np.testing.assert_array_equal(source("reach-v3", rows), expected)  # still the version it had
+    assert RegistryValueSource(tracking_uri=tracking_uri, poll_s=1e-9).version is None  # no architectures: none
