@@ -109,8 +109,20 @@ class ClosedLoop:
     # -- steps -----------------------------------------------------------------------------------
     def _child(self, name: str, args: list[str], *, settings: dict | None = None) -> SopProcess:
         env = {"SOP_RUN_DIR": str(self.settings.run_path), **self.site_env, **self._registry_role(name),
-               **self.config.extra_env}
+               **self._lake_role(name), **self.config.extra_env}
         return SopProcess(args, env=env, settings=settings, log=self.logs / f"{name}.log", own_session=True)
+
+    def _lake_role(self, name: str) -> dict[str, str]:
+        """Under the cluster profile: the processor gets the object store's write keys, the learner read-only ones,
+        the robots none (they never touch the lake)."""
+        if self.settings.profile != "cluster":
+            return {}
+        if name.startswith("actor"):
+            return {"SOP_LAKE_STORAGE_OPTIONS": "{}"}
+        role = "processor" if name.startswith("processor") else "learner" if name.startswith(
+            ("learner", "pretrain")) else None
+        options = stack.lake_role_options(self.settings, role) if role else None
+        return {"SOP_LAKE_STORAGE_OPTIONS": json.dumps(options)} if options else {}
 
     def _registry_role(self, name: str) -> dict[str, str]:
         """With security: each child runs as its role's registry user (none for children that need no registry)."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from infra import KafkaBrokerConfig, LocalKafka, LocalMlflow, MlflowConfig, ensure_topics
 from infra.kafka import KafkaCluster, KafkaClusterConfig, wait_until_ready
 from infra.mlflow_local import MlflowServer, MlflowServerConfig, ensure_experiment
-from infra.objectstore import LocalObjectStore, ObjectStoreConfig
+from infra.objectstore import LAKE_ROLES, LocalObjectStore, ObjectStoreConfig
 from infra.postgres import LocalPostgres, PostgresConfig
 from infra.registry_auth import RegistryAuth, provision
 from sop.settings import Settings, endpoints_file, registry_server_dir, resolve_profile
@@ -55,6 +55,19 @@ def local_registry_server(settings: Settings, *, auth: bool = True) -> MlflowSer
 def _provision(settings: Settings, tracking: str) -> None:
     provision(tracking, registry_auth(settings), policy_model=settings.policy_model_name,
               value_model=settings.value_model_name)
+
+
+def lake_role_options(settings: Settings, role: str) -> dict[str, str] | None:
+    """The cluster's delta-rs options with ``role``'s keys (processor: writes the lake; learner, analyst: read it),
+    or None when the lake is not the cluster's own (``s3://<bucket>/lake``) or the cluster never started."""
+    own = f"s3://{settings.cluster_bucket}/lake"
+    root = settings.lake_root.rstrip("/") if settings.profile == "cluster" else ""
+    if root != own and not root.startswith(own + "/"):
+        return None
+    try:
+        return json.loads(endpoints_file(settings).read_text())["lake_role_options"][role]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
 
 
 def registry_up(settings: Settings) -> str:
@@ -101,7 +114,7 @@ def local_cluster(settings: Settings) -> Cluster:
         first_port=settings.kafka_port, heap_mb=settings.cluster_kafka_heap_mb,
         max_message_bytes=settings.max_message_bytes,
         min_insync_replicas=min(2, settings.cluster_kafka_nodes)))
-    s3 = LocalObjectStore(ObjectStoreConfig(data_dir=root / "s3"))
+    s3 = LocalObjectStore(ObjectStoreConfig(data_dir=root / "s3", role_bucket=settings.cluster_bucket))
     postgres = LocalPostgres(PostgresConfig(data_dir=root / "postgres"))
     # the database URI (its password) and the bucket's keys are known once those services were set up:
     # _cluster_up fills them in
@@ -171,6 +184,8 @@ def _cluster_up(settings: Settings) -> StackInfo:
     endpoints = {"kafka_bootstrap": bootstrap, "mlflow_tracking_uri": tracking, "lake_uri": cluster.lake_uri,
                  "lake_storage_options": cluster.s3.storage_options(), "s3_endpoint": cluster.s3.endpoint,
                  "bucket": cluster.bucket, "artifacts_destination": cluster.artifacts_destination,
+                 # per role (infra.objectstore.LAKE_ROLES): the processor writes the lake, the others only read it
+                 "lake_role_options": {role: cluster.s3.storage_options(role) for role in LAKE_ROLES},
                  "kafka_nodes": settings.cluster_kafka_nodes}
     path = endpoints_file(settings)
     path.write_text(json.dumps(endpoints, indent=2))
