@@ -1,6 +1,7 @@
 """The registry-following :class:`~producers.interfaces.PolicySource`: the fleet follows an MLflow alias.
 
-    source = RegistryPolicySource(RegistrySourceConfig(tracking_uri=uri), probe=robot.reset(seed=1)).start()
+    source = RegistryPolicySource(RegistrySourceConfig(tracking_uri=uri, architectures={"sop-vla": build}),
+                                  probe=robot.reset(seed=1)).start()
     policy = source.wait_ready(timeout_s=60)       # the first version (blocks once, at start-up)
     policy = source.current()                      # then: the newest loaded version, never blocks
     source.version, source.history, source.refused # what runs, every switch, every refused version

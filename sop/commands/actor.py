@@ -9,7 +9,10 @@ registry alias points at (followed live), the simulated operator, every record p
 
 A robot or teleoperation device from outside SOP (``--robot`` / ``--operator``: ``package.module:Factory`` or an
 entry point of the groups ``sop.robots`` / ``sop.operators``) is built as ``Factory(**settings)`` with the JSON
-settings given; see ``docs/robots.md`` and :mod:`producers.plugins`.
+settings given; see ``docs/robots.md`` and :mod:`producers.plugins`. A registered version is data declaring its
+architecture; the actor builds SOP's own (``sop-vla``, ``scripted-expert``) and those named by
+``--architecture NAME=package.module:Builder`` or the entry-point group ``sop.architectures``
+(:mod:`sop.architectures`), and refuses any other, or one whose files do not match their hashes.
 
 SIGINT/SIGTERM end the episode in progress as ABORTED, flush the publisher and report undelivered
 messages; the exit status is 1 when a message could not be delivered or the actor failed.
