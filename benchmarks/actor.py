@@ -131,7 +131,7 @@ def fleet_propagation(*, actors: int, promotions: int, tasks: list[str], image_s
     """Returns per promotion: the fleet latency (slowest actor), every actor's latency, alias -> loaded (slowest)."""
     from infra.registry import registry_client
     from producers.fleet import ActorStatus
-    from sim.expert_pyfunc import register_expert_policy
+    from sim.expert_version import register_expert_policy
 
     register_expert_policy(uri, noise_sigma=0.2, seed=0)  # version 1 @champion
     versions = [register_expert_policy(uri, noise_sigma=0.2, seed=i, alias=None) for i in range(1, promotions + 1)]
@@ -218,7 +218,7 @@ def main() -> None:
               f"episodes end at success or {settings.max_episode_steps} steps; {os.cpu_count()} CPUs")
 
         if not args.skip_throughput:
-            from sim.expert_pyfunc import register_expert_policy
+            from sim.expert_version import register_expert_policy
 
             register_expert_policy(uri, noise_sigma=0.2, seed=0)
             sims: list[Rate] = []

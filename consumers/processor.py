@@ -84,6 +84,8 @@ class ProcessorConfig:
     tracking_uri: str | None = None
     value_model_name: str = "sop-value"
     value_poll_s: float = 60.0
+    # architecture name -> builder of a verified value version (`sop process`: sop-value); empty: no value model
+    value_architectures: dict[str, Any] = field(default_factory=dict)
     compaction_min_small_files: int = 64
     compaction_interval_s: float = 900.0
     vacuum_interval_s: float = 6 * 3600.0
@@ -212,7 +214,7 @@ class Shell:
         self.baseline = RunningBaseline(buckets=config.reward.baseline_buckets,
                                         max_episode_length=config.reward.max_episode_length)
         self.values = RegistryValueSource(tracking_uri=config.tracking_uri, name=config.value_model_name,
-                                          poll_s=config.value_poll_s)
+                                          poll_s=config.value_poll_s, architectures=config.value_architectures)
         self.metrics = Metrics()
         self.prometheus = ProcessorMetrics()  # served by `sop process` (infra.metrics)
         self.lag: Callable[[], dict[str, dict[str, int]]] | None = None  # set by build_app

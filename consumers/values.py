@@ -1,18 +1,24 @@
 """The frozen value model the processor uses for V(o_t), when one is registered in MLflow as ``sop-value``.
 
-The model's own code is loaded by MLflow (``mlflow.pyfunc``); this package only asks the registry
-for the newest version (or an alias) now and then and calls ``values_for_rows(step records)``.
+A version is data (``infra.model_versions``): it is downloaded, every file's SHA-256 checked against the
+version's tags, and built by the processor's own code for its declared architecture (``architectures``, given
+by `sop process`: ``sop-value``). A tampered, pickled (first-format) or unknown version is refused and the
+processor keeps the one it has (or the running baseline). This package asks the registry for the newest version
+(or an alias) now and then and calls ``values_for_rows(step records)``.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from infra.model_versions import Builder, build, fetch_version
 from infra.registry import registry_client
 
 log = logging.getLogger("sop.processor.values")
@@ -22,11 +28,14 @@ class RegistryValueSource:
     """Polls the registry for ``name`` (alias ``champion`` if set, else the newest version) every ``poll_s``."""
 
     def __init__(self, *, tracking_uri: str | None, name: str = "sop-value", alias: str | None = "champion",
-                 poll_s: float = 60.0) -> None:
+                 poll_s: float = 60.0, architectures: Mapping[str, Builder] | None = None) -> None:
         self.tracking_uri, self.name, self.alias, self.poll_s = tracking_uri, name, alias, poll_s
+        self.architectures = dict(architectures or {})
         self.version: str | None = None
+        self.refused: dict[str, str] = {}  # version -> why (not loaded again)
         self._model = None
         self._checked_at = -1e9
+        self._root = Path(tempfile.mkdtemp(prefix="sop-values-"))
 
     def _latest(self) -> str | None:
         from mlflow.exceptions import MlflowException
@@ -35,13 +44,14 @@ class RegistryValueSource:
         try:
             if self.alias:
                 try:
-                    return client.get_model_version_by_alias(self.name, self.alias).version
+                    return str(client.get_model_version_by_alias(self.name, self.alias).version)
                 except MlflowException:
                     pass
             versions = client.search_model_versions(f"name = '{self.name}'")
         except MlflowException:
             return None
-        return max((v.version for v in versions), key=int, default=None)
+        newest = max((v.version for v in versions), key=int, default=None)
+        return None if newest is None else str(newest)
 
     def refresh(self) -> None:
         if self.tracking_uri is None or time.monotonic() - self._checked_at < self.poll_s:
@@ -50,18 +60,19 @@ class RegistryValueSource:
         if self.tracking_uri.startswith("sqlite:///") and not Path(self.tracking_uri.removeprefix("sqlite:///")).exists():
             return  # no registry yet; opening it would create (and migrate) the database from here
         latest = self._latest()
-        if latest is None or latest == self.version:
+        if latest is None or latest == self.version or latest in self.refused:
             return
-        import mlflow.pyfunc
-
+        directory = self._root / f"v{latest}"
+        shutil.rmtree(directory, ignore_errors=True)
         try:
-            client = registry_client(self.tracking_uri)
-            source = client.get_model_version_download_uri(self.name, latest)
-            model = mlflow.pyfunc.load_model(source).unwrap_python_model()
+            local = fetch_version(registry_client(self.tracking_uri), self.name, latest, dst=directory)
+            model = build(local, self.architectures, kind="value")
             if not hasattr(model, "values_for_rows"):
                 raise TypeError(f"{self.name} v{latest} has no values_for_rows()")
         except Exception as exc:  # a broken version must not stop the processor
+            self.refused[latest] = f"{type(exc).__name__}: {exc}"
             log.warning("value model %s v%s refused: %s; keeping %s", self.name, latest, exc, self.version)
+            shutil.rmtree(directory, ignore_errors=True)
             return
         self._model, self.version = model, latest
         log.info("value model %s v%s loaded", self.name, latest)

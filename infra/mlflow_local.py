@@ -7,6 +7,11 @@ tracking URI (``sqlite:///<run_dir>/mlflow.db``); no server is needed for that. 
 Cluster (:class:`MlflowServer`): ``mlflow server`` with a PostgreSQL backend store and artifacts proxied to an
 object store (``--serve-artifacts --artifacts-destination s3://…``); every other process talks to it over HTTP
 only and never sees the database or the bucket.
+
+With registry roles (``MlflowServerConfig.auth``, ``SOP_SECURITY=true``) the server runs MLflow's basic-auth app
+(``--app-name basic-auth``, :mod:`infra.registry_auth`); the embedded profile then also runs an
+:class:`MlflowServer`, on its SQLite store and local artifact root, since a database file every process opens
+cannot tell a robot from the learner.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 
 from infra.kafka import StackError, _pid_alive, free_port
 from infra.registry import registry_client
+from infra.registry_auth import RegistryAuth
 
 EXPERIMENT = "sop"
 
@@ -100,6 +106,7 @@ class MlflowServerConfig:
     backend_store_uri: str  # postgresql://user:password@host:port/db
     artifacts_destination: str  # s3://bucket/prefix
     artifact_env: dict[str, str]  # MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, …
+    auth: RegistryAuth | None = None  # None: no authentication (anyone who reaches the port may do anything)
     host: str = "127.0.0.1"
     port: int = 0  # 0 = a free port (kept for later starts)
     workers: int = 1
@@ -139,13 +146,15 @@ class MlflowServer:
             if not cfg.backend_store_uri:
                 raise StackError("MlflowServerConfig.backend_store_uri is empty: give the database to start on")
             port = url.rsplit(":", 1)[1]
+            auth = ["--app-name", "basic-auth"] if cfg.auth is not None else []
             # --workers 1: one server process is plenty for a fleet's registry traffic and keeps memory small
-            _serve([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", cfg.backend_store_uri,
+            _serve([sys.executable, "-m", "mlflow", "server", *auth, "--backend-store-uri", cfg.backend_store_uri,
                     "--serve-artifacts", "--artifacts-destination", cfg.artifacts_destination,
                     "--host", cfg.host, "--port", port, "--workers", str(cfg.workers)],
                    url=url, state_file=self.state_file, log_file=self.log_file, timeout_s=cfg.start_timeout_s,
                    # no job runner: its four huey consumers (~1 GB together) serve GenAI jobs SOP never runs
-                   env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **cfg.artifact_env},
+                   env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **cfg.artifact_env,
+                        **(cfg.auth.server_env() if cfg.auth is not None else {})},
                    hint=f"see {self.log_file}")
         else:
             _wait_healthy(url, None, cfg.start_timeout_s, self.log_file, "")

@@ -7,6 +7,12 @@
     options = store.storage_options()     # for delta-rs: endpoint, keys, conditional put
     store.stop()
 
+Roles (``-s3.config``: one identity per role, each with its own keys and actions): ``sop`` (Admin: the stack
+itself — buckets, the MLflow server's artifacts, people's maintenance commands), ``processor`` (Read, Write, List,
+Tagging on ``<bucket>/lake/*``: it writes the tables), ``learner`` and ``analyst`` (Read on ``<bucket>/lake/*``,
+List on the bucket: they read the tables, `sop sql` included, and can write nothing). The role keys are generated
+once into ``data_dir/role-keys.json`` (0600); ``storage_options(role)`` gives each its delta-rs options.
+
 Why SeaweedFS: it is S3 with credentials (SigV4) and honours conditional writes (``If-None-Match: *`` and
 ``If-Match``) atomically also between concurrent requests (SeaweedFS PR 8801, March 2026), which delta-rs 1.x uses
 to commit a table version exactly once when several writers race (``aws_conditional_put=etag``).
@@ -17,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -107,6 +114,19 @@ def _go_at_least(go: str, required: str, env: dict[str, str]) -> str:
     return str(newer)
 
 
+LAKE_ROLES = ("processor", "learner", "analyst")
+
+
+def role_actions(role: str, bucket: str, lake_prefix: str = "lake") -> list[str]:
+    """The SeaweedFS actions of ``role``: the processor writes ``bucket/lake_prefix/*``, the others only read it."""
+    scope = f"{bucket}/{lake_prefix.strip('/')}/*"
+    if role == "processor":
+        return [f"Read:{scope}", f"Write:{scope}", f"Tagging:{scope}", f"List:{bucket}"]
+    if role in ("learner", "analyst"):
+        return [f"Read:{scope}", f"List:{bucket}"]
+    raise ValueError(f"unknown object-store role {role!r}; one of {', '.join(LAKE_ROLES)}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ObjectStoreConfig:
     data_dir: Path
@@ -116,6 +136,7 @@ class ObjectStoreConfig:
     secret_key: str = "sop-secret-key-local"
     region: str = "us-east-1"
     volume_size_limit_mb: int = 64
+    role_bucket: str = "sop"  # the bucket whose lake the role identities (LAKE_ROLES) may use
     binary: Path | None = None  # None: built into the cache (build_weed)
     start_timeout_s: float = 90.0
 
@@ -168,9 +189,11 @@ class LocalObjectStore:
                 raise StackError(f"port {cfg.host}:{port} ({name} of the S3 server) is already in use; stop what "
                                  f"listens there or remove {self.ports_file} to pick new ports")
         identities = cfg.data_dir / "s3-identities.json"
+        roles = [{"name": f"sop-{role}", "credentials": [{"accessKey": key, "secretKey": secret}],
+                  "actions": role_actions(role, cfg.role_bucket)} for role, (key, secret) in self.role_keys().items()]
         identities.write_text(json.dumps({"identities": [{
             "name": "sop", "credentials": [{"accessKey": cfg.access_key, "secretKey": cfg.secret_key}],
-            "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"]}, *roles]}))
         identities.chmod(0o600)
         cmd = [str(binary), "server", f"-dir={data}", f"-ip={cfg.host}", f"-ip.bind={cfg.host}",
                f"-master.port={ports['master']}", f"-master.port.grpc={ports['master_grpc']}",
@@ -211,16 +234,6 @@ class LocalObjectStore:
     def _log_tail(self) -> str:
         return self.log_file.read_text(errors="replace")[-3000:] if self.log_file.exists() else ""
 
-    def client(self):  # noqa: ANN201 - a boto3 S3 client
-        import boto3
-        from botocore.config import Config
-
-        cfg = self.config
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=cfg.access_key,
-                            aws_secret_access_key=cfg.secret_key, region_name=cfg.region,
-                            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2},
-                                          connect_timeout=2, read_timeout=30))
-
     def ensure_bucket(self, name: str) -> bool:
         """Create bucket ``name`` unless it exists; returns whether it was created."""
         s3 = self.client()
@@ -232,13 +245,38 @@ class LocalObjectStore:
                 s3.create_bucket(Bucket=name)
             return True
 
-    def storage_options(self) -> dict[str, str]:
-        """What delta-rs (object_store) needs to use this server: endpoint, keys, plain HTTP on loopback, path-style
-        addresses and conditional puts (safe concurrent commits)."""
+    def role_keys(self) -> dict[str, tuple[str, str]]:
+        """Role -> (access key, secret key) of the role identities, generated the first time."""
+        path = self.config.data_dir / "role-keys.json"
+        try:
+            return {role: (k, s) for role, (k, s) in json.loads(path.read_text()).items()}
+        except FileNotFoundError:
+            pass
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        keys = {role: (f"sop-{role}-{secrets.token_hex(4)}", secrets.token_urlsafe(24)) for role in LAKE_ROLES}
+        path.write_text(json.dumps(keys))
+        path.chmod(0o600)
+        return keys
+
+    def storage_options(self, role: str | None = None) -> dict[str, str]:
+        """What delta-rs (object_store) needs to use this server: endpoint, keys (the admin's, or ``role``'s), plain
+        HTTP on loopback, path-style addresses and conditional puts (safe concurrent commits)."""
         cfg = self.config
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": cfg.access_key,
-                "AWS_SECRET_ACCESS_KEY": cfg.secret_key, "AWS_REGION": cfg.region, "AWS_ALLOW_HTTP": "true",
+        key, secret = (cfg.access_key, cfg.secret_key) if role is None else self.role_keys()[role]
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": key,
+                "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": cfg.region, "AWS_ALLOW_HTTP": "true",
                 "AWS_VIRTUAL_HOSTED_STYLE_REQUEST": "false", "aws_conditional_put": "etag"}
+
+    def client(self, role: str | None = None):  # noqa: ANN201 - a boto3 S3 client
+        """A boto3 client with the admin's keys (or ``role``'s)."""
+        import boto3
+        from botocore.config import Config
+
+        opts = self.storage_options(role)
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=opts["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=opts["AWS_SECRET_ACCESS_KEY"], region_name=self.config.region,
+                            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2},
+                                          connect_timeout=2, read_timeout=30))
 
     def stop(self, timeout_s: float = 30.0) -> bool:
         st = self.state()

@@ -3,22 +3,16 @@
     client = registry_client(tracking_uri)                   # registry on the same server as tracking
     exp = experiment_id(client, "sop", artifact_location=root)
     ensure_registered_model(client, "sop-policy")
-    version = register_pyfunc_version(client, name="sop-policy", experiment_id=exp,
-                                      make_model=lambda v: MyPolicy(version=v), pip_requirements=[])
 
 Only ``MlflowClient`` calls: the process-wide tracking URI is neither read nor changed (MLflow 3.17 resolves
-some registry calls through it otherwise). Robots, the processor and the learner all build clients here, and register versions with
-``register_pyfunc_version`` (the simulated expert as much as the learner's VLA).
+some registry calls through it otherwise). Robots, the processor and the learner all build clients here; a
+version's files and their hashes are ``infra.model_versions`` (the simulated expert as much as the learner's
+VLA). Credentials of an authenticated registry (``mlflow server --app-name basic-auth``) reach MLflow's client
+through ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` in each process's environment.
 """
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Callable, Mapping
-from pathlib import Path
-
-import mlflow
-from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -57,42 +51,3 @@ def ensure_registered_model(client: MlflowClient, name: str) -> None:
             client.create_registered_model(name)
         except MlflowException:  # created concurrently by another process
             client.get_registered_model(name)
-
-
-def register_pyfunc_version(client: MlflowClient, *, name: str, experiment_id: str,
-                            make_model: Callable[[str], mlflow.pyfunc.PythonModel], pip_requirements: list[str],
-                            artifacts: Callable[[Path], dict[str, str]] | None = None,
-                            tags: Mapping[str, str] | None = None, run_id: str | None = None,
-                            alias: str | None = None) -> str:
-    """Register ``make_model(version)`` as a new version of ``name`` (which must exist), point ``alias`` at
-    it (None: leave aliases alone) and return the version number.
-
-    The version is created first so that its number is baked into the model (``.version``); nobody loads it
-    before an alias moves, and a failed upload deletes it again. ``artifacts(directory)`` writes the files
-    the model loads in ``load_context`` and returns MLflow's artifact map.
-    """
-    tag_map = dict(tags or {})
-    logged = client.create_logged_model(experiment_id=experiment_id, name=name, source_run_id=run_id, tags=tag_map)
-    # The artifact location rather than "models:/<model_id>", and the model id only along with a run id:
-    # MLflow 3.17's SQL registry resolves either through the process-wide tracking URI, not this client's.
-    # A tracking server resolves them itself, and refuses an mlflow-artifacts:/ source that neither a run id nor
-    # a model id vouches for.
-    server = (client.tracking_uri or "").startswith(("http://", "https://"))
-    created = client.create_model_version(name, source=logged.artifact_location, run_id=run_id, tags=tag_map,
-                                          model_id=logged.model_id if run_id is not None or server else None)
-    version = str(created.version)
-    try:
-        with tempfile.TemporaryDirectory(prefix="sop-register-") as tmp:
-            files = artifacts(Path(tmp) / "files") if artifacts is not None else None
-            model_dir = Path(tmp) / "model"
-            mlflow.pyfunc.save_model(str(model_dir), python_model=make_model(version), artifacts=files,
-                                     pip_requirements=pip_requirements)
-            client.log_model_artifacts(logged.model_id, str(model_dir))
-        client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
-    except BaseException:
-        client.delete_model_version(name, version)
-        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
-        raise
-    if alias is not None:
-        client.set_registered_model_alias(name, alias, version)
-    return version

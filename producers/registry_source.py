@@ -1,13 +1,16 @@
 """The registry-following :class:`~producers.interfaces.PolicySource`: the fleet follows an MLflow alias.
 
-    source = RegistryPolicySource(RegistrySourceConfig(tracking_uri=uri), probe=robot.reset(seed=1)).start()
+    source = RegistryPolicySource(RegistrySourceConfig(tracking_uri=uri, architectures={"sop-vla": build}),
+                                  probe=robot.reset(seed=1)).start()
     policy = source.wait_ready(timeout_s=60)       # the first version (blocks once, at start-up)
     policy = source.current()                      # then: the newest loaded version, never blocks
     source.version, source.history, source.refused # what runs, every switch, every refused version
 
 A background thread resolves ``models:/NAME@ALIAS`` every ``poll_interval_s``. When the alias points at
-a version that is neither running nor refused, the thread downloads and loads it, then *vets* it: the
-object must be a policy (``act`` and ``version``), carry the version it was loaded as, and answer
+a version that is neither running nor refused, the thread downloads it, checks the SHA-256 of every file
+against the version's tags (a tampered, incomplete or pickled version is refused before any file is read),
+builds it with this process's own code for its declared architecture (``RegistrySourceConfig.architectures``;
+an unknown architecture is refused), then *vets* it: the object must be a policy (``act`` and ``version``), carry the version it was loaded as, and answer
 ``act(probe)`` with a finite action of shape ``(action_dim,)``. Only then does :meth:`current` answer
 it; the actor picks it up at its next episode. A version that fails any of that is refused: logged,
 counted, its error kept, and remembered so the poller does not reload it on every poll (unless
@@ -23,13 +26,14 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from infra.model_versions import Builder
 from infra.registry import registry_client
 from producers.interfaces import Observation, Policy
 from producers.policies import DEFAULT_ALIAS, DEFAULT_MODEL_NAME
@@ -60,6 +64,8 @@ class RegistrySourceConfig:
     action_dim: int = 4
     download_root: str | None = None  # None: a temporary directory, removed by close()
     retry_refused_after_s: float | None = None  # None: a refused version is never loaded again
+    # architecture name -> this process's builder (a verified version -> a Policy); `sop actor` passes SOP's own
+    architectures: Mapping[str, Builder] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.tracking_uri:
@@ -352,6 +358,7 @@ class RegistryPolicySource:
 
         return load_policy_from_registry(
             f"models:/{self.config.model_name}/{version}",
+            architectures=self.config.architectures,
             tracking_uri=self.config.tracking_uri,
             registry_uri=self.config.registry_uri,
             dst_path=directory,

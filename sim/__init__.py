@@ -1,6 +1,6 @@
 """The simulated world behind the robot interfaces of ``producers``: MetaWorld v3 robots
 (``metaworld_robot``), the task table with instructions and seed ranges (``tasks``), scripted experts
-(``expert``, and ``expert_pyfunc`` to register one as a stand-in policy), the simulated HG-DAgger operator
+(``expert``, and ``expert_version`` to register one as a stand-in policy version), the simulated HG-DAgger operator
 (``operator``), demonstrations generated and written to Delta exactly once (``demos``, ``demos_io``) and
 seeded evaluation rollouts (``evaluation``). It imports ``producers``, ``schemas``, ``lakehouse`` and
 ``rewards``; nothing but the CLI and tests imports it.

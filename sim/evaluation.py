@@ -43,7 +43,7 @@ class TaskResult:
 
 
 def _encoder_of(policy: Any) -> Any:
-    runtime = getattr(policy, "runtime", None) or policy  # a registered SOPPolicy wraps a PolicyRuntime
+    runtime = getattr(policy, "runtime", None) or policy  # a wrapper holding a PolicyRuntime, or one itself
     model = getattr(runtime, "model", None)
     return getattr(getattr(model, "config", None), "encoder", None)
 

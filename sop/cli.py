@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 
 import click
@@ -24,7 +25,7 @@ VERBS = {
     "export": "export", "import": "import_data",
     # learner and registry
     "learn": "learn", "pretrain": "pretrain", "train-value": "train_value", "promote": "promote",
-    "rollback": "rollback",
+    "rollback": "rollback", "registry": "registry",
     # the whole loop
     "run": "run", "eval": "eval",
     # the data in other tools
@@ -57,6 +58,10 @@ def cli() -> None:
 
 
 def main() -> None:
+    # MLflow's usage telemetry: nothing leaves a site from its robots; and its config thread, failing offline,
+    # deletes an environment variable while other threads iterate os.environ (requests reads proxies from it per
+    # HTTP call): a learner on an HTTP registry died of that KeyError
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     exit_with_parent()
     try:
         cli(standalone_mode=False)

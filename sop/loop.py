@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -109,8 +110,30 @@ class ClosedLoop:
 
     # -- steps -----------------------------------------------------------------------------------
     def _child(self, name: str, args: list[str], *, settings: dict | None = None) -> SopProcess:
-        env = {"SOP_RUN_DIR": str(self.settings.run_path), **self.site_env, **self.config.extra_env}
+        env = {"SOP_RUN_DIR": str(self.settings.run_path), **self.site_env, **self._registry_role(name),
+               **self._lake_role(name), **self.config.extra_env}
         return SopProcess(args, env=env, settings=settings, log=self.logs / f"{name}.log", own_session=True)
+
+    def _lake_role(self, name: str) -> dict[str, str]:
+        """Under the cluster profile: the processor gets the object store's write keys, the learner read-only ones,
+        the robots none (they never touch the lake)."""
+        if self.settings.profile != "cluster":
+            return {}
+        if name.startswith("actor"):
+            return {"SOP_LAKE_STORAGE_OPTIONS": "{}"}
+        role = "processor" if name.startswith("processor") else "learner" if name.startswith(
+            ("learner", "pretrain")) else None
+        options = stack.lake_role_options(self.settings, role) if role else None
+        return {"SOP_LAKE_STORAGE_OPTIONS": json.dumps(options)} if options else {}
+
+    def _registry_role(self, name: str) -> dict[str, str]:
+        """With security: each child runs as its role's registry user (none for children that need no registry)."""
+        if not self.settings.security:
+            return {}
+        role = next((r for prefix, r in (("processor", "processor"), ("learner", "learner"), ("pretrain", "learner"),
+                                         ("actor", "actor")) if name.startswith(prefix)), None)
+        return stack.role_env(self.settings, role) if role else {"MLFLOW_TRACKING_USERNAME": "",
+                                                                  "MLFLOW_TRACKING_PASSWORD": ""}
 
     def _run_to_end(self, name: str, args: list[str]) -> None:
         """Run ``sop <args>`` to its end, drawing the bars it writes to its progress file (``--progress-file``)."""
@@ -131,6 +154,9 @@ class ClosedLoop:
             info = stack.up(self.settings)
         if info.settings is not None:
             self.settings = info.settings  # under the cluster profile: with the endpoints it started
+        if self.settings.security:  # this process set the stack up: it reads and reports as the admin
+            for key, value in stack.role_env(self.settings, "admin").items():
+                os.environ.setdefault(key, value)
         if self.settings.profile == "cluster":
             # The processor, learner and actors run as on machines of a real site: the embedded profile with every
             # endpoint set explicitly (Kafka, registry over HTTP, the lake in the bucket), nothing read from here.

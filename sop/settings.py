@@ -94,8 +94,14 @@ class Settings(BaseSettings):
     publish_queue_max_kbytes: int = Field(256 * 1024, ge=1024)
     publish_delivery_timeout_ms: int = Field(120_000, ge=1000)
 
+    # Security
+    security: bool = Field(False, description=(
+        "Authenticated registry with roles (MLflow basic-auth: the learner registers and moves aliases, actors and "
+        "the processor only read) on both profiles; credentials come from MLFLOW_TRACKING_USERNAME/PASSWORD."))
+
     # Registry
-    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking URI; unset = SQLite under run_dir.")
+    mlflow_tracking_uri: str | None = Field(None, description=(
+        "MLflow tracking URI; unset = SQLite under run_dir (with SOP_SECURITY: the local registry server)."))
     mlflow_ui_port: int = Field(5000, ge=1, lt=65536)
     policy_model_name: str = "sop-policy"
     value_model_name: str = "sop-value"
@@ -228,6 +234,9 @@ class Settings(BaseSettings):
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
         self._need_cluster("MLflow server (SOP_MLFLOW_TRACKING_URI)")
+        if self.security:
+            raise SettingsError("no MLflow server to talk to: with SOP_SECURITY the registry is a server "
+                                "(run `sop up`) or set SOP_MLFLOW_TRACKING_URI")
         return f"sqlite:///{self.run_path / 'mlflow.db'}"
 
     @property
@@ -263,10 +272,22 @@ def endpoints_file(settings: Settings) -> Path:
     return settings.cluster_dir / "endpoints.json"
 
 
+def registry_server_dir(settings: Settings) -> Path:
+    """Where the embedded profile's registry server keeps its state (only with ``security``)."""
+    return settings.run_path / "mlflow-server"
+
+
 def resolve_profile(settings: Settings) -> Settings:
     """Under the cluster profile: the endpoints of the running cluster for every endpoint setting not set
-    explicitly. Unchanged for the embedded profile, or while the cluster was never started."""
+    explicitly; under the embedded profile with ``security``: the local registry server's URL. Unchanged while
+    nothing was started."""
     if settings.profile != "cluster":
+        if settings.security and not settings.mlflow_tracking_uri:
+            try:
+                port = json.loads((registry_server_dir(settings) / "port.json").read_text())["port"]
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                return settings
+            return settings.model_copy(update={"mlflow_tracking_uri": f"http://127.0.0.1:{port}"})
         return settings
     try:
         endpoints = json.loads(endpoints_file(settings).read_text())
@@ -288,6 +309,8 @@ def site_environment(settings: Settings) -> dict[str, str]:
         env["SOP_LAKE_STORAGE_OPTIONS"] = json.dumps(settings.lake_storage_options)
     if settings.kafka_client_config:
         env["SOP_KAFKA_CLIENT_CONFIG"] = json.dumps(settings.kafka_client_config)
+    if settings.security:
+        env["SOP_SECURITY"] = "true"
     return env
 
 

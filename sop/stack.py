@@ -7,6 +7,13 @@
   to that bucket. Its endpoints go to ``<run_dir>/cluster/endpoints.json``; every other command reads them under
   ``--profile cluster`` (:func:`sop.settings.resolve_profile`), and a machine elsewhere sets the same settings by hand
   (:func:`sop.settings.site_environment`, docs/deploy.md).
+
+With ``SOP_SECURITY=true`` the registry is ``mlflow server --app-name basic-auth`` on both profiles (the embedded
+one then runs a server on its own SQLite store, ``<run_dir>/mlflow-server``): the admin and one user per role
+(learner, processor, actor) are generated once into ``<run_dir>/security/registry/registry-users.json`` (0600),
+the experiments and registered models are created by the admin and each role gets its grants
+(:mod:`infra.registry_auth`). :func:`role_env` gives a process its role's ``MLFLOW_TRACKING_USERNAME`` /
+``MLFLOW_TRACKING_PASSWORD``.
 """
 
 from __future__ import annotations
@@ -18,9 +25,56 @@ from dataclasses import dataclass, field, replace
 from infra import KafkaBrokerConfig, LocalKafka, LocalMlflow, MlflowConfig, ensure_topics
 from infra.kafka import KafkaCluster, KafkaClusterConfig, wait_until_ready
 from infra.mlflow_local import MlflowServer, MlflowServerConfig, ensure_experiment
-from infra.objectstore import LocalObjectStore, ObjectStoreConfig
+from infra.objectstore import LAKE_ROLES, LocalObjectStore, ObjectStoreConfig
 from infra.postgres import LocalPostgres, PostgresConfig
-from sop.settings import Settings, endpoints_file, resolve_profile
+from infra.registry_auth import RegistryAuth, provision
+from sop.settings import Settings, endpoints_file, registry_server_dir, resolve_profile
+
+
+def registry_auth(settings: Settings) -> RegistryAuth:
+    """The registry's admin and role users of this run directory (generated the first time)."""
+    return RegistryAuth.create(settings.run_path / "security" / "registry")
+
+
+def role_env(settings: Settings, role: str) -> dict[str, str]:
+    """``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD`` of ``role`` (learner, processor, actor, admin) for a process of
+    the local stack; empty without ``security``."""
+    return registry_auth(settings).credentials(role).env() if settings.security else {}
+
+
+def local_registry_server(settings: Settings, *, auth: bool = True) -> MlflowServer:
+    """The embedded profile's authenticated registry (``security`` only): its own SQLite store and artifact root,
+    apart from the unauthenticated ``mlflow.db`` (switching security on starts a fresh registry).
+    ``auth=False``: enough to stop it (no credentials generated)."""
+    root = registry_server_dir(settings)
+    return MlflowServer(MlflowServerConfig(state_dir=root, backend_store_uri=f"sqlite:///{root / 'registry.db'}",
+                                           artifacts_destination=(root / "artifacts").as_uri(), artifact_env={},
+                                           auth=registry_auth(settings) if auth else None))
+
+
+def _provision(settings: Settings, tracking: str) -> None:
+    provision(tracking, registry_auth(settings), policy_model=settings.policy_model_name,
+              value_model=settings.value_model_name)
+
+
+def lake_role_options(settings: Settings, role: str) -> dict[str, str] | None:
+    """The cluster's delta-rs options with ``role``'s keys (processor: writes the lake; learner, analyst: read it),
+    or None when the lake is not the cluster's own (``s3://<bucket>/lake``) or the cluster never started."""
+    own = f"s3://{settings.cluster_bucket}/lake"
+    root = settings.lake_root.rstrip("/") if settings.profile == "cluster" else ""
+    if root != own and not root.startswith(own + "/"):
+        return None
+    try:
+        return json.loads(endpoints_file(settings).read_text())["lake_role_options"][role]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+
+
+def registry_up(settings: Settings) -> str:
+    """The embedded profile's authenticated registry server, started and provisioned (idempotent); its URL."""
+    tracking = local_registry_server(settings).start()
+    _provision(settings, tracking)
+    return tracking
 
 
 def local_kafka(settings: Settings) -> LocalKafka:
@@ -60,7 +114,7 @@ def local_cluster(settings: Settings) -> Cluster:
         first_port=settings.kafka_port, heap_mb=settings.cluster_kafka_heap_mb,
         max_message_bytes=settings.max_message_bytes,
         min_insync_replicas=min(2, settings.cluster_kafka_nodes)))
-    s3 = LocalObjectStore(ObjectStoreConfig(data_dir=root / "s3"))
+    s3 = LocalObjectStore(ObjectStoreConfig(data_dir=root / "s3", role_bucket=settings.cluster_bucket))
     postgres = LocalPostgres(PostgresConfig(data_dir=root / "postgres"))
     # the database URI (its password) and the bucket's keys are known once those services were set up:
     # _cluster_up fills them in
@@ -93,6 +147,12 @@ def up(settings: Settings, *, ui: bool = False) -> StackInfo:
     else:
         bootstrap = local_kafka(settings).start()
     created = ensure_topics(bootstrap, settings.topic_specs(), client_config=settings.kafka_client_config)
+    if settings.security and not settings.mlflow_tracking_uri:
+        tracking = registry_up(settings)
+        resolved = resolve_profile(settings)
+        return StackInfo(bootstrap=bootstrap, external_kafka=bool(settings.kafka_bootstrap), topics_created=created,
+                         tracking_uri=tracking, ui_url=tracking, settings=resolved,
+                         parts={"mlflow": f"{tracking} (basic-auth, roles)"})
     mlflow = local_mlflow(settings)
     mlflow.init()
     url = mlflow.serve_ui() if ui else None
@@ -116,20 +176,26 @@ def _cluster_up(settings: Settings) -> StackInfo:
                             "AWS_ACCESS_KEY_ID": opts["AWS_ACCESS_KEY_ID"],
                             "AWS_SECRET_ACCESS_KEY": opts["AWS_SECRET_ACCESS_KEY"],
                             "AWS_DEFAULT_REGION": opts["AWS_REGION"]}
-            server = MlflowServer(replace(cluster.mlflow.config, backend_store_uri=database, artifact_env=artifact_env))
+            server = MlflowServer(replace(cluster.mlflow.config, backend_store_uri=database, artifact_env=artifact_env,
+                                          auth=registry_auth(settings) if settings.security else None))
             tracking = server.start()
         finally:
             bootstrap = brokers.result()  # raises what the brokers' start raised
     endpoints = {"kafka_bootstrap": bootstrap, "mlflow_tracking_uri": tracking, "lake_uri": cluster.lake_uri,
                  "lake_storage_options": cluster.s3.storage_options(), "s3_endpoint": cluster.s3.endpoint,
                  "bucket": cluster.bucket, "artifacts_destination": cluster.artifacts_destination,
+                 # per role (infra.objectstore.LAKE_ROLES): the processor writes the lake, the others only read it
+                 "lake_role_options": {role: cluster.s3.storage_options(role) for role in LAKE_ROLES},
                  "kafka_nodes": settings.cluster_kafka_nodes}
     path = endpoints_file(settings)
     path.write_text(json.dumps(endpoints, indent=2))
     path.chmod(0o600)  # it holds the object store's keys
     resolved = resolve_profile(settings)
     created = ensure_topics(bootstrap, resolved.topic_specs(), client_config=resolved.kafka_client_config)
-    ensure_experiment(tracking, None)  # artifacts: the server's proxied store (mlflow-artifacts:/)
+    if settings.security:
+        _provision(settings, tracking)  # the experiments and models, by the admin; the role users and grants
+    else:
+        ensure_experiment(tracking, None)  # artifacts: the server's proxied store (mlflow-artifacts:/)
     parts = {"kafka": f"{settings.cluster_kafka_nodes} brokers {bootstrap}", "s3": cluster.s3.endpoint,
              "lake": cluster.lake_uri, "postgres": _without_password(cluster.postgres.uri), "mlflow": tracking,
              "artifacts": cluster.artifacts_destination}
@@ -151,7 +217,8 @@ def down(settings: Settings) -> dict[str, bool]:
                        "kafka": pool.submit(cluster.kafka.stop)}
             stopped.update({name: f.result() for name, f in futures.items()})
         return stopped
-    return {"mlflow-ui": local_mlflow(settings).stop_ui(), "kafka": local_kafka(settings).stop()}
+    return {"mlflow-ui": local_mlflow(settings).stop_ui(), "mlflow-server": local_registry_server(settings, auth=False).stop(),
+            "kafka": local_kafka(settings).stop()}
 
 
 def cluster_status(settings: Settings) -> dict[str, tuple[str, str]]:

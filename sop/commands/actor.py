@@ -9,7 +9,10 @@ registry alias points at (followed live), the simulated operator, every record p
 
 A robot or teleoperation device from outside SOP (``--robot`` / ``--operator``: ``package.module:Factory`` or an
 entry point of the groups ``sop.robots`` / ``sop.operators``) is built as ``Factory(**settings)`` with the JSON
-settings given; see ``docs/robots.md`` and :mod:`producers.plugins`.
+settings given; see ``docs/robots.md`` and :mod:`producers.plugins`. A registered version is data declaring its
+architecture; the actor builds SOP's own (``sop-vla``, ``scripted-expert``) and those named by
+``--architecture NAME=package.module:Builder`` or the entry-point group ``sop.architectures``
+(:mod:`sop.architectures`), and refuses any other, or one whose files do not match their hashes.
 
 SIGINT/SIGTERM end the episode in progress as ABORTED, flush the publisher and report undelivered
 messages; the exit status is 1 when a message could not be delivered or the actor failed.
@@ -73,6 +76,8 @@ class ActorRun:
     robot_settings: Mapping[str, Any] = field(default_factory=dict)
     operator_device: str | None = None  # replaces the simulated operator
     operator_settings: Mapping[str, Any] = field(default_factory=dict)
+    # policy architectures of this robot's own code beyond SOP's: NAME=package.module:Builder
+    architectures: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.actor_id:
@@ -93,6 +98,10 @@ class ActorRun:
             raise ValueError(f"--image-size must be in 8..1024, got {self.image_size}")
         if self.seed_stride < 1:
             raise ValueError(f"--seed-stride must be >= 1, got {self.seed_stride}")
+        from sop.architectures import parse_architecture
+
+        for spec in self.architectures:
+            parse_architecture(spec)
         if self.seed_start not in ONLINE_SEEDS:
             raise ValueError(
                 f"--seed-start {self.seed_start} must lie in the online seeds {ONLINE_SEEDS.start}..{ONLINE_SEEDS.stop - 1}"
@@ -101,7 +110,7 @@ class ActorRun:
 
 
 def quiet_mlflow() -> None:
-    """MLflow warns about pyfunc type hints and pickling on every policy saved or loaded: noise for a robot."""
+    """MLflow's warnings (e.g. about logged models without an MLmodel file) are noise for a robot."""
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow(\..*)?")
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
 
@@ -112,7 +121,7 @@ def ensure_policy(settings: Settings, actor_settings: ActorSettings) -> str | No
     from mlflow.exceptions import MlflowException
 
     from infra.registry import registry_client
-    from sim.expert_pyfunc import register_expert_policy
+    from sim.expert_version import register_expert_policy
 
     uri = settings.tracking_uri
     client = registry_client(uri)
@@ -132,6 +141,15 @@ def ensure_policy(settings: Settings, actor_settings: ActorSettings) -> str | No
         raise click.ClickException(f"cannot register the stand-in policy: {exc}") from None
 
 
+def _architectures(specs: tuple[str, ...], make: Callable[[tuple[str, ...]], Any]) -> Any:
+    from producers.plugins import PluginError
+
+    try:
+        return make(specs)
+    except (ValueError, PluginError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--architecture") from None
+
+
 def run_actor(run: ActorRun, *, settings: Settings, actor_settings: ActorSettings, console: Console,
               stop_event: threading.Event | None = None) -> ActorOutcome:
     """Run one actor until its episodes or duration are done, or ``stop_event`` is set (SIGINT/SIGTERM set it
@@ -144,6 +162,7 @@ def run_actor(run: ActorRun, *, settings: Settings, actor_settings: ActorSetting
     from producers.registry_source import NoPolicyYetError, RegistrySourceConfig
     from producers.spool import SpoolError
     from sim.operator import GatedExpertOperator
+    from sop.architectures import policy_architectures
     from sop.commands.loadgen import make_publisher
 
     settings.bootstrap()  # fail before building robots when there is no Kafka
@@ -158,7 +177,8 @@ def run_actor(run: ActorRun, *, settings: Settings, actor_settings: ActorSetting
                           jpeg_quality=actor_settings.actor_jpeg_quality),
         source=RegistrySourceConfig(tracking_uri=settings.tracking_uri, model_name=settings.policy_model_name,
                                     alias=settings.policy_alias, poll_interval_s=actor_settings.actor_poll_interval_s,
-                                    retry_refused_after_s=actor_settings.actor_retry_refused_after_s),
+                                    retry_refused_after_s=actor_settings.actor_retry_refused_after_s,
+                                    architectures=_architectures(run.architectures, policy_architectures)),
         policy_wait_s=actor_settings.actor_policy_wait_s, status_interval_s=actor_settings.actor_status_interval_s,
         flush_timeout_s=actor_settings.actor_flush_timeout_s, duration_s=run.duration_s, status_file=run.status_file)
 
@@ -292,6 +312,10 @@ def summary(status: ActorStatus) -> str:
               help="A robot from outside SOP instead of the simulated ones: package.module:Factory or an entry "
                    "point of group sop.robots (docs/robots.md).")
 @click.option("--robot-config", default=None, help="The robot's settings: JSON text or @file.json.")
+@click.option("--architecture", "architectures", multiple=True, metavar="NAME=SPEC",
+              help="A policy architecture of the robot's own code, NAME=package.module:Builder (repeatable): a "
+                   "registered version declaring NAME is built as Builder(version). SOP's sop-vla and "
+                   "scripted-expert and entry points of group sop.architectures are always known.")
 @click.option("--hz", type=float, default=None,
               help="Control rate in Hz; 0 = as fast as possible [default: SOP_ACTOR_CONTROL_HZ = 30].")
 @click.option("--episodes", type=int, default=None, help="Stop after this many episodes.")
@@ -310,7 +334,7 @@ def summary(status: ActorStatus) -> str:
               help="Keep writing this actor's status as JSON here (what `sop fleet` reads).")
 @click.option("--loglevel", default="warning", type=click.Choice(["debug", "info", "warning", "error"]))
 def command(tasks: str | None, actor_id: str | None, operator_spec: str | None, operator_config: str | None,
-            no_operator: bool, robot: str | None, robot_config: str | None, hz: float | None, episodes: int | None,
+            no_operator: bool, robot: str | None, robot_config: str | None, architectures: tuple[str, ...], hz: float | None, episodes: int | None,
             duration_s: float | None, image_size: int | None, seed_start: int, seed_stride: int,
             register_expert_if_missing: bool, show_status: bool | None, status_file: Path | None,
             loglevel: str) -> None:
@@ -340,6 +364,7 @@ def command(tasks: str | None, actor_id: str | None, operator_spec: str | None, 
             image_size=image_size or actor_settings.actor_image_size, seed_start=seed_start,
             seed_stride=seed_stride, register_expert_if_missing=register_expert_if_missing,
             show_status=console.is_terminal if show_status is None else show_status, status_file=status_file,
+            architectures=architectures,
         )
     except (ValueError, PluginError) as exc:
         raise click.BadParameter(str(exc)) from None

@@ -25,13 +25,15 @@ def command(version: str | None, episodes_per_task: int, tasks: str | None, para
     from producers.policies import load_policy_from_registry
     from sim.evaluation import evaluate_policy
     from sim.tasks import DEFAULT_SUITE, EVAL_SEEDS
+    from sop.architectures import policy_architectures
 
     settings = load_settings()
     ref = f"v{version}" if version is not None else f"@{settings.policy_alias}"
     uri = f"models:/{settings.policy_model_name}/{version}" if version else \
         f"models:/{settings.policy_model_name}@{settings.policy_alias}"
     try:
-        policy = load_policy_from_registry(uri, tracking_uri=settings.tracking_uri)
+        policy = load_policy_from_registry(uri, architectures=policy_architectures(),
+                                           tracking_uri=settings.tracking_uri)
     except Exception as exc:
         raise click.ClickException(f"cannot load {uri} from {settings.tracking_uri}: {exc}") from None
     task_list = tasks.split(",") if tasks else list(DEFAULT_SUITE)

@@ -27,6 +27,7 @@ def processor_config(settings: Settings, **overrides: object):  # noqa: ANN201 -
         raise click.ClickException(f"the topics must have the same number of partitions (co-partitioned by episode): {counts}")
     from consumers.validation import validate_record
     from sop.actor_settings import load_actor_settings
+    from sop.architectures import value_architectures
     from sop.contracts import processor_validation
 
     contracts, skew = processor_validation(settings, load_actor_settings())
@@ -46,7 +47,7 @@ def processor_config(settings: Settings, **overrides: object):  # noqa: ANN201 -
         chunk_age_s=settings.processor_chunk_age_s, vacuum_interval_s=settings.processor_vacuum_interval_s,
         vacuum_retention_hours=settings.processor_vacuum_retention_hours,
         tracking_uri=settings.tracking_uri,
-        value_model_name=settings.value_model_name,
+        value_model_name=settings.value_model_name, value_architectures=value_architectures(),
         reward=RewardConfig(max_episode_length=settings.max_episode_steps, c_fail=settings.recap_c_fail,
                             advantage_horizon=settings.recap_advantage_horizon),
         metrics_file=settings.run_path / "processor" / f"metrics-{settings.processor_group}@{socket.gethostname()}-{os.getpid()}.json",

@@ -101,6 +101,12 @@ def command(profile: str | None) -> None:
     if settings.profile == "cluster":
         with contextlib.suppress(SettingsError):
             table.add_row("lake", "s3", settings.lake_root)
+    elif settings.security:
+        from sop.stack import local_registry_server
+
+        server = local_registry_server(settings, auth=False)
+        table.add_row("mlflow", "running (basic-auth)" if server.state() else "stopped",
+                      settings.mlflow_tracking_uri or "-")
     else:
         ui = local_mlflow(settings).ui_state()
         table.add_row("mlflow", "local sqlite" if not settings.mlflow_tracking_uri else "external",

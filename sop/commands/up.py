@@ -37,6 +37,10 @@ def command(profile: str | None, ui: bool, print_env: bool) -> None:
         console.print(f"[green]topics[/] created {', '.join(info.topics_created)}")
     if info.ui_url:
         console.print(f"[green]ui[/]     {info.ui_url}")
+    if settings.security:
+        console.print(f"[green]registry roles[/] basic-auth; users and passwords (0600): "
+                      f"{settings.run_path / 'security' / 'registry' / 'registry-users.json'}; "
+                      "`sop registry credentials --role learner` prints a role's MLFLOW_TRACKING_* exports")
     console.print(f"run directory: {settings.run_path}")
     if print_env and info.settings is not None:
         for name, value in site_environment(info.settings).items():

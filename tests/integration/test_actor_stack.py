@@ -10,21 +10,24 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
+from mlflow.tracking import MlflowClient
 
 from consumers.decoding import DecodingConsumer, DecodingConsumerConfig
+from infra.model_versions import LocalVersion
 from producers.actor import Actor, ActorConfig
 from producers.fleet import ActorMonitor
-from producers.policies import register_python_model
+from producers.policies import register_policy_config
 from producers.publisher import EventPublisher, PublisherConfig
 from producers.registry_source import RegistryPolicySource, RegistrySourceConfig
-from sim.expert_pyfunc import register_expert_policy
+from sim.expert_version import register_expert_policy
 from sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
 from sim.operator import GatedExpertOperator
-from sim.tasks import ONLINE_SEEDS
+from sim.tasks import ONLINE_SEEDS, instruction_for
+from sop.architectures import policy_architectures
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore")]
 
@@ -52,7 +55,9 @@ class Running:
 @contextmanager
 def running_actor(kafka, topics: dict[str, str], mlflow_uri: str) -> Iterator[Running]:  # noqa: ANN001
     robots = [MetaWorldRobot(MetaWorldRobotConfig(task=t, image_size=32, max_steps=60)) for t in TASKS]
-    source = RegistryPolicySource(RegistrySourceConfig(tracking_uri=mlflow_uri, poll_interval_s=0.2),
+    architectures = {**policy_architectures(), "corrupt": corrupt_weights, "wrong-shape": ActsWithTheWrongShape}
+    source = RegistryPolicySource(RegistrySourceConfig(tracking_uri=mlflow_uri, poll_interval_s=0.2,
+                                                       architectures=architectures),
                                   probe=robots[0].reset(seed=10_000))
     publisher = EventPublisher(PublisherConfig(bootstrap=kafka.bootstrap, topics=topics))
     monitor = ActorMonitor("it-actor")
@@ -148,43 +153,70 @@ def test_actor_publishes_decodable_episodes_and_switches_versions_between_episod
     assert len(late) <= 1
 
 
-class LoadContextRaises(mlflow.pyfunc.PythonModel):
-    """A registered version whose artifact cannot be loaded."""
-
-    def __init__(self, version: str) -> None:
-        self.version = version
-
-    def load_context(self, context) -> None:  # type: ignore[no-untyped-def]
-        raise RuntimeError("corrupt weights")
-
-    def act(self, observation):  # type: ignore[no-untyped-def]
-        return np.zeros(4, np.float32)
-
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
-        return model_input
+def corrupt_weights(local: LocalVersion) -> object:
+    """An architecture whose weights cannot be read."""
+    raise RuntimeError("corrupt weights")
 
 
-class ActsWithTheWrongShape(LoadContextRaises):
-    def load_context(self, context) -> None:  # type: ignore[no-untyped-def]
-        pass
+class ActsWithTheWrongShape:
+    def __init__(self, local: LocalVersion) -> None:
+        self.version = local.version
 
     def act(self, observation):  # type: ignore[no-untyped-def]
         return np.zeros(2, np.float32)
 
 
+def register_small_vla(mlflow_uri: str) -> str:
+    """A learned-looking policy version (sop-vla: safetensors weights + config + embeddings), alias left alone."""
+    import torch
+
+    from learner import registry
+    from learner.config import EncoderConfig, ModelConfig
+    from learner.model import VLAPolicy
+    from learner.synthetic import HashEmbedder
+
+    torch.manual_seed(0)
+    model = VLAPolicy(ModelConfig(encoder=EncoderConfig(image_size=32, cnn_channels=(8, 16)), hidden=(32,)))
+    texts = [instruction_for(t) for t in TASKS]
+    return registry.register_policy(model.eval(), alias=None, tracking_uri=mlflow_uri, experiment="sop",
+                                    embeddings=dict(zip(texts, HashEmbedder().embed(texts), strict=True)))
+
+
+def stored_file(mlflow_uri: str, version: str, name: str) -> Path:
+    """A file of a version where the artifact store keeps it (what someone with write access to it can change)."""
+    source = MlflowClient(mlflow_uri).get_model_version_download_uri("sop-policy", version)
+    return Path(source.removeprefix("file://")) / name
+
+
 def test_broken_versions_are_refused_and_the_actor_keeps_acting(kafka, topics, mlflow_uri) -> None:
     register_expert_policy(mlflow_uri, noise_sigma=0.3, seed=1)
+    client = MlflowClient(mlflow_uri)
+    tampered = register_small_vla(mlflow_uri)  # "2": real weights, then changed in the artifact store
+    weights = stored_file(mlflow_uri, tampered, "weights.safetensors")
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of a tensor: still a loadable file
+    weights.write_bytes(bytes(data))
     with running_actor(kafka, topics, mlflow_uri) as run:
         run.wait(lambda: run.episodes_done() >= 1)
-        assert register_python_model(LoadContextRaises, mlflow_uri) == "2"
-        run.wait(lambda: "2" in run.source.refused)
-        assert register_python_model(ActsWithTheWrongShape, mlflow_uri) == "3"
+        client.set_registered_model_alias("sop-policy", "champion", tampered)
+        run.wait(lambda: tampered in run.source.refused)
+        assert register_policy_config("corrupt", {}, mlflow_uri) == "3"
         run.wait(lambda: "3" in run.source.refused)
+        assert register_policy_config("wrong-shape", {}, mlflow_uri) == "4"
+        run.wait(lambda: "4" in run.source.refused)
         refused_at = run.source.refusals[-1].at
         before = run.episodes_done()
         run.wait(lambda: run.episodes_done() >= before + 2)
-        assert run.source.version == "1" and run.source.refused_count == 2
-        assert "corrupt weights" in run.source.refused["2"] and "shape (2,)" in run.source.refused["3"]
+        assert run.source.version == "1" and run.source.refused_count == 3
+        assert "TamperedVersion" in run.source.refused["2"] and "weights.safetensors has SHA-256" in run.source.refused["2"]
+        assert "corrupt weights" in run.source.refused["3"] and "shape (2,)" in run.source.refused["4"]
+        intact = register_small_vla(mlflow_uri)  # the same weights, untouched: the actor takes it
+        client.set_registered_model_alias("sop-policy", "champion", intact)
+        run.wait(lambda: run.source.version == intact)
+        switched = run.episodes_done()
+        run.wait(lambda: run.episodes_done() >= switched + 2)  # the episode under way at the switch, then one of it
     episodes = episodes_of(consume_all(kafka, topics, run.publisher.stats.delivered))
-    assert {s["policy_version"] for e in episodes for s in e.steps} == {"1"}
-    assert sum(e.started["event_time_us"] / 1e6 > refused_at for e in episodes) >= 2  # kept acting afterwards
+    acted = {s["policy_version"] for e in episodes for s in e.steps}
+    assert acted <= {"1", intact} and "1" in acted and tampered not in acted
+    assert sum(e.started["event_time_us"] / 1e6 > refused_at and e.version == "1" for e in episodes) >= 2  # kept acting
+    assert any(e.version == intact and e.steps for e in episodes)

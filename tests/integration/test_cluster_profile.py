@@ -49,30 +49,22 @@ def test_three_brokers_and_every_topic_replicated_three_times(cluster: ClusterUn
 
 
 def test_registry_is_postgres_backed_and_keeps_artifacts_in_the_bucket(cluster: ClusterUnderTest) -> None:
-    import mlflow
     import psycopg
 
-    from infra.registry import (
-        ensure_registered_model,
-        experiment_id,
-        register_pyfunc_version,
-        registry_client,
-    )
-
-    class Echo(mlflow.pyfunc.PythonModel):
-        def __init__(self, version: str) -> None:
-            self.version = version
-
-        def predict(self, context, model_input):  # noqa: ANN001, ANN201 - MLflow's signature
-            return model_input
+    from infra.model_versions import fetch_version, publish_files, write_config
+    from infra.registry import ensure_registered_model, experiment_id, registry_client
 
     settings = cluster.settings()
     assert settings.tracking_uri.startswith("http://127.0.0.1:")  # clients speak HTTP only
     client = registry_client(settings.tracking_uri)
     name = f"probe-{uuid.uuid4().hex[:8]}"
     ensure_registered_model(client, name)
-    version = register_pyfunc_version(client, name=name, experiment_id=experiment_id(client, "sop"),
-                                      make_model=Echo, pip_requirements=[], alias="champion")
+    def files(directory: Path) -> None:
+        write_config(directory, kind="policy", architecture="probe")
+        (directory / "weights.safetensors").write_bytes(b"\0" * 16)
+
+    version = publish_files(client, name=name, experiment_id=experiment_id(client, "sop"), write=files,
+                            alias="champion")
     assert client.get_model_version_by_alias(name, "champion").version == version
 
     pg = local_cluster(settings).postgres
@@ -85,10 +77,9 @@ def test_registry_is_postgres_backed_and_keeps_artifacts_in_the_bucket(cluster: 
 
     s3 = local_cluster(settings).s3.client()
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="sop", Prefix="mlartifacts/").get("Contents", [])]
-    assert any(k.endswith("/MLmodel") for k in keys), keys
-    source = client.get_model_version_download_uri(name, version)
-    downloaded = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=settings.tracking_uri)
-    assert "MLmodel" in {p.name for p in Path(downloaded).iterdir()}
+    assert any(k.endswith("/weights.safetensors") for k in keys), keys
+    local = fetch_version(client, name, version, dst=cluster.run_dir / "probe-download")  # hashes checked
+    assert sorted(local.files) == ["config.json", "weights.safetensors"] and local.architecture == "probe"
 
 
 def test_conditional_writes_are_atomic_on_the_s3_server(cluster: ClusterUnderTest) -> None:
@@ -238,3 +229,43 @@ def test_down_stops_every_service_and_up_brings_back_the_data(cluster: ClusterUn
     from infra.registry import registry_client
 
     assert registry_client(again.tracking_uri).get_experiment_by_name("sop") is not None
+
+
+def test_object_store_roles_the_processor_writes_the_lake_readers_only_read_it(cluster: ClusterUnderTest) -> None:
+    from learner.synthetic import fill_tables
+    from sop.stack import lake_role_options
+
+    settings = cluster.settings()
+    s3 = local_cluster(settings).s3
+    prefix = f"lake/roles-{uuid.uuid4().hex[:8]}"
+    root = f"s3://sop/{prefix}"
+    processor = lake_role_options(settings.model_copy(update={"lake_uri": root}), "processor")
+    assert processor is not None and processor["AWS_ACCESS_KEY_ID"] != settings.lake_storage_options["AWS_ACCESS_KEY_ID"]
+    fill_tables(Lakehouse(root, storage_options=processor), tasks=["reach-v3"], demos_per_task=1, online_per_task=2,
+                length=5, image_size=16)  # the processor's keys write the tables
+    with pytest.raises(ClientError) as outside:  # ... but only the lake: not MLflow's artifacts next to it
+        s3.client("processor").put_object(Bucket="sop", Key="mlartifacts/planted", Body=b"x")
+    assert outside.value.response["Error"]["Code"] == "AccessDenied"
+
+    written = DeltaTable(f"{root}/steps", storage_options=processor).version()
+    for role in ("learner", "analyst"):
+        keys = lake_role_options(settings.model_copy(update={"lake_uri": root}), role)
+        assert keys is not None
+        steps = DeltaTable(f"{root}/steps", storage_options=keys).to_pyarrow_table()
+        assert steps.num_rows == 10  # reads
+        with pytest.raises(Exception, match="(?i)denied|403|forbidden"):
+            write_deltalake(f"{root}/steps", steps.slice(0, 1), mode="append", storage_options=keys)
+        client = s3.client(role)
+        for attempt in (lambda c=client: c.put_object(Bucket="sop", Key=f"{prefix}/steps/planted.parquet", Body=b"x"),
+                        lambda c=client: c.delete_object(Bucket="sop", Key=f"{prefix}/steps/_delta_log/"
+                                                                           "00000000000000000000.json")):
+            with pytest.raises(ClientError) as refused:
+                attempt()
+            assert refused.value.response["Error"]["Code"] == "AccessDenied", role
+    assert DeltaTable(f"{root}/steps", storage_options=processor).version() == written  # nothing was changed
+
+    analyst = lake_role_options(settings.model_copy(update={"lake_uri": root}), "analyst")
+    env = {**cluster.env, "SOP_LAKE_URI": root, "SOP_LAKE_STORAGE_OPTIONS": json.dumps(analyst)}
+    sql = sop_cli("sql", "SELECT count(*) AS n FROM steps WHERE task = 'reach-v3'", "--format", "json", env=env)
+    assert sql.returncode == 0, sql.stderr
+    assert _first(sql.stdout)["n"] == 10  # analysts' `sop sql` works with read-only keys

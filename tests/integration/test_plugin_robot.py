@@ -12,7 +12,7 @@ import pytest
 
 from lakehouse import Lakehouse, query
 from producers.fleet import ActorStatus
-from producers.policies import register_python_model
+from producers.policies import register_policy_config
 from tests.integration.processing import ProcessorProcess, count, wait_for
 from tests.integration.test_actor_commands import sop, stack_env
 
@@ -28,15 +28,14 @@ def test_a_robot_from_outside_sop_streams_episodes_into_delta(kafka, topics, mlf
     plugins.mkdir()
     shutil.copy(PLUGIN, plugins / "toy_arm.py")
     monkeypatch.syspath_prepend(str(plugins))
-    import toy_arm
-
-    version = register_python_model(lambda v: toy_arm.MirroredPolicy(v), mlflow_uri)
+    version = register_policy_config("toy-mirror", {"gain": 1.0}, mlflow_uri)
     env = {**stack_env(kafka, topics, mlflow_uri, tmp_path),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(plugins), os.environ.get("PYTHONPATH")]))}
     status_file, log, marker = tmp_path / "actor.json", tmp_path / "actor.log", tmp_path / "closed"
     actor = sop("actor", "--robot", "toy_arm:ToyArm",
                 "--robot-config", json.dumps({"image_size": 24, "max_steps": 40, "closed_marker": str(marker)}),
                 "--operator", "toy_arm:Teleop", "--operator-config", '{"operator_id": "joystick-7"}',
+                "--architecture", "toy-mirror=toy_arm:MirroredPolicy",
                 "--episodes", "3", "--hz", "0", "--actor-id", "lab-arm", "--status-file", str(status_file),
                 env=env, log=log)
     assert actor.wait(180) == 0, log.read_text()[-3000:]

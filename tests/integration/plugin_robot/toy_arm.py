@@ -1,15 +1,16 @@
 """A robot, a teleoperation device and a policy written outside SOP, as a lab would write them for its own arm.
 
 The test copies this file into a temporary directory on PYTHONPATH (it is not part of any SOP package) and
-runs ``sop actor --robot toy_arm:ToyArm --operator toy_arm:Teleop``. The "arm" is a point moved in the unit
-square towards a goal; the overhead camera is drawn with numpy.
+runs ``sop actor --robot toy_arm:ToyArm --operator toy_arm:Teleop --architecture toy-mirror=toy_arm:MirroredPolicy``.
+The "arm" is a point moved in the unit square towards a goal; the overhead camera is drawn with numpy. The
+policy's registered version is a config declaring the architecture ``toy-mirror`` (and its gain); this file's
+``MirroredPolicy`` is the robot's own code that builds it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 import numpy as np
 
 from producers.interfaces import Observation, OperatorDecision, StepResult
@@ -93,14 +94,13 @@ class Teleop:
         return OperatorDecision(in_control=False, action=None)
 
 
-class MirroredPolicy(mlflow.pyfunc.PythonModel):
-    """A poor policy (registered in MLflow like any other): heads to the goal mirrored on the y axis."""
+class MirroredPolicy:
+    """A poor policy (registered in MLflow like any other, as a config): heads to the goal mirrored on the y axis.
+    Built from a verified version: ``MirroredPolicy(local)`` reads its declared gain."""
 
-    def __init__(self, version: str = "0") -> None:
-        self.version = version
+    def __init__(self, local) -> None:  # noqa: ANN001 - infra.model_versions.LocalVersion
+        self.version = local.version
+        self.gain = float(local.config["gain"])
 
     def act(self, observation: Observation) -> np.ndarray:
-        return toward_goal(observation) * np.array([1.0, -1.0], np.float32)
-
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
-        return np.zeros((len(model_input), 2), np.float32)
+        return self.gain * toward_goal(observation) * np.array([1.0, -1.0], np.float32)

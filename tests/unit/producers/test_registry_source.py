@@ -1,7 +1,8 @@
 """The registry-following policy source: switching, refusing broken versions, riding out registry outages.
 
 The first tests drive ``poll_once`` with a scripted registry (resolver + loader); the last ones use a real
-SQLite MLflow registry with real pyfunc versions, including broken ones.
+SQLite MLflow registry with real versions (data: a declared architecture, files pinned by hashes), including
+broken, tampered and pickled ones.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import threading
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
+from mlflow.tracking import MlflowClient
 from producer_fakes import ConstantPolicy
 
-from producers.policies import register_python_model
+from infra.model_versions import LocalVersion
+from producers.policies import register_policy_config
 from producers.registry_source import (
     NoPolicyYetError,
     PolicyRefusedError,
@@ -25,7 +27,8 @@ from producers.registry_source import (
     default_probe,
     vet_policy,
 )
-from sim.expert_pyfunc import ExpertPyfunc, register_expert_policy
+from sim.expert import ExpertPolicy
+from sim.expert_version import build_expert, register_expert_policy
 from sim.tasks import DEFAULT_SUITE, instruction_for
 
 PROBE = default_probe(DEFAULT_SUITE[0], instruction_for(DEFAULT_SUITE[0]))
@@ -203,44 +206,47 @@ def test_config_is_validated() -> None:
 
 # -- a real MLflow registry ----------------------------------------------------------------------------------
 
-class LoadContextRaises(mlflow.pyfunc.PythonModel):
+class WrongShape:
     def __init__(self, version: str) -> None:
         self.version = version
-
-    def load_context(self, context) -> None:  # type: ignore[no-untyped-def]
-        raise RuntimeError("weights file is corrupt")
-
-    def act(self, observation):  # type: ignore[no-untyped-def]
-        return np.zeros(4, np.float32)
-
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
-        return model_input
-
-
-class WrongShape(LoadContextRaises):
-    def load_context(self, context) -> None:  # type: ignore[no-untyped-def]
-        pass
 
     def act(self, observation):  # type: ignore[no-untyped-def]
         return np.zeros(7, np.float32)
 
 
-def test_follows_a_real_mlflow_alias_and_refuses_broken_pyfuncs(tmp_path: Path) -> None:
+def corrupt_weights(local: LocalVersion) -> object:
+    raise RuntimeError(f"weights file is corrupt ({local.file('weights.bin').stat().st_size} bytes)")
+
+
+ARCHITECTURES = {"scripted-expert": build_expert, "corrupt": corrupt_weights,
+                 "wrong-shape": lambda local: WrongShape(local.version)}
+
+
+def test_follows_a_real_mlflow_alias_and_refuses_broken_versions(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     art = str(tmp_path / "art")
-    source = RegistryPolicySource(RegistrySourceConfig(tracking_uri=uri, download_root=str(tmp_path / "dl")),
-                                  probe=PROBE)
+    source = RegistryPolicySource(RegistrySourceConfig(tracking_uri=uri, download_root=str(tmp_path / "dl"),
+                                                       architectures=ARCHITECTURES), probe=PROBE)
     assert source.poll_once() is False  # no registered model yet
     assert register_expert_policy(uri, noise_sigma=0.0, artifact_location=art) == "1"
     assert source.poll_once() is True
-    assert isinstance(source.current(), ExpertPyfunc) and source.version == "1"
-    assert register_python_model(LoadContextRaises, uri) == "2"
-    assert source.poll_once() is False and "weights file is corrupt" in source.refused["2"]
-    assert register_python_model(WrongShape, uri) == "3"
+    assert isinstance(source.current(), ExpertPolicy) and source.version == "1"
+    weights = lambda d: (d / "weights.bin").write_bytes(b"\0" * 64)  # noqa: E731
+    assert register_policy_config("corrupt", {}, uri, files=weights) == "2"
+    assert source.poll_once() is False and "weights file is corrupt (64 bytes)" in source.refused["2"]
+    assert register_policy_config("wrong-shape", {}, uri) == "3"
     assert source.poll_once() is False and "shape (7,)" in source.refused["3"]
+    assert register_policy_config("their-net", {}, uri) == "4"
+    assert source.poll_once() is False and "'their-net', which this process has no code for" in source.refused["4"]
+    assert register_expert_policy(uri, noise_sigma=0.0, alias=None) == "5"
+    client = MlflowClient(uri)
+    config = Path(client.get_model_version_download_uri("sop-policy", "5").removeprefix("file://")) / "config.json"
+    config.write_text(config.read_text().replace('"noise_sigma": 0.0', '"noise_sigma": 1.0'))  # in the store
+    client.set_registered_model_alias("sop-policy", "champion", "5")
+    assert source.poll_once() is False and "config.json has SHA-256" in source.refused["5"]
     assert source.current().version == "1"
-    assert register_expert_policy(uri, noise_sigma=0.0) == "4"
-    assert source.poll_once() is True and source.version == "4"
+    assert register_expert_policy(uri, noise_sigma=0.0) == "6"
+    assert source.poll_once() is True and source.version == "6"
     # only the running version and the one before it stay on disk
     kept = sorted(p.name.split("-")[0] for p in (tmp_path / "dl").iterdir())
-    assert kept == ["v1", "v4"]
+    assert kept == ["v1", "v6"]
