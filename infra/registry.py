@@ -22,6 +22,8 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+COMPLETE_TAG = "sop.complete"  # set on a version once its files are all uploaded
+
 
 def registry_client(tracking_uri: str | None, registry_uri: str | None = None) -> MlflowClient:
     """A client for ``tracking_uri`` whose registry is ``registry_uri`` (default: the same server)."""
@@ -89,6 +91,7 @@ def register_pyfunc_version(client: MlflowClient, *, name: str, experiment_id: s
                                      pip_requirements=pip_requirements)
             client.log_model_artifacts(logged.model_id, str(model_dir))
         client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        client.set_model_version_tag(name, version, COMPLETE_TAG, "true")  # see version_complete
     except BaseException:
         client.delete_model_version(name, version)
         client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
@@ -96,3 +99,23 @@ def register_pyfunc_version(client: MlflowClient, *, name: str, experiment_id: s
     if alias is not None:
         client.set_registered_model_alias(name, alias, version)
     return version
+
+
+def versions_tagged(client: MlflowClient, name: str, tags: Mapping[str, str]) -> list:
+    """The versions of ``name`` carrying every tag in ``tags`` (key -> exact value), oldest first: what an
+    idempotent registration looks for before registering again (e.g. a learner's run id and step)."""
+    clauses = [f"name = '{name}'"] + [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
+    found = client.search_model_versions(" AND ".join(clauses))
+    # filter again: a registry that ignores a tag clause must not make an unrelated version look like ours
+    return sorted((v for v in found if all(v.tags.get(k) == val for k, val in tags.items())),
+                  key=lambda v: int(v.version))
+
+
+def version_complete(client: MlflowClient, version: object) -> bool:
+    """Whether a registered version's model files were all uploaded: :func:`register_pyfunc_version` tags it
+    ``sop.complete`` last, or (a version registered before that tag) its logged model is READY. A SQLite registry
+    used without a process-wide tracking URI does not report a version's model id, hence the tag."""
+    if (getattr(version, "tags", None) or {}).get(COMPLETE_TAG) == "true":
+        return True
+    model_id = getattr(version, "model_id", None)
+    return bool(model_id) and client.get_logged_model(model_id).status == LoggedModelStatus.READY
