@@ -64,7 +64,15 @@ from lakehouse.tables import (
     conform,
     spec_of,
 )
-from lakehouse.writer import CommittedState, ExactlyOnceWriter, WriteResult, app_id, safe_watermark
+from lakehouse.writer import (
+    CommittedState,
+    ExactlyOnceWriter,
+    WriteResult,
+    app_id,
+    is_transient_storage_error,
+    safe_watermark,
+    storage_backoff,
+)
 
 __all__ = [
     "DEMONSTRATIONS", "EPISODES", "EXAMPLES", "INTERVENTIONS", "STEPS", "TABLES",
@@ -72,6 +80,6 @@ __all__ = [
     "IncrementalReader", "Lakehouse", "LakehouseError", "QueryError", "ReaderFellBehindError",
     "SchemaMismatchError", "StorageUnavailableError", "TableNotFoundError", "TableSpec", "UnknownTableError", "VersionNotFoundError",
     "WriteConflictError", "WriteResult",
-    "app_id", "compact", "conform", "connect", "history", "maybe_compact", "query", "rows_since",
-    "safe_watermark", "small_files", "snapshot", "snapshot_batches", "spec_of", "vacuum", "version_at", "write_result",
+    "app_id", "compact", "conform", "connect", "history", "is_transient_storage_error", "maybe_compact", "query",
+    "rows_since", "safe_watermark", "storage_backoff", "small_files", "snapshot", "snapshot_batches", "spec_of", "vacuum", "version_at", "write_result",
 ]

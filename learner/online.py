@@ -36,11 +36,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from deltalake.exceptions import DeltaError
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from infra.registry import experiment_id, registry_client, version_complete, versions_tagged
-from lakehouse import Lakehouse
+from lakehouse import Lakehouse, LakehouseError, is_transient_storage_error, storage_backoff
 from learner import registry
 from learner.algorithms import Recap, make_algorithm
 from learner.batch import BatchBuilder
@@ -350,7 +351,7 @@ def run_learning(config: LearnConfig, *, lake: Lakehouse, tracking_uri: str | No
             on_status(dict(status))
 
     emit()
-    feeder.load_initial()
+    _load_initial(feeder, timeout_s=config.wait_for_data_s, stop=stop)
     feeder.start()
     prefetcher: Prefetcher | None = None
     publisher: AsyncPublisher | None = None
@@ -468,6 +469,25 @@ def run_learning(config: LearnConfig, *, lake: Lakehouse, tracking_uri: str | No
         feeder.close()
         if client is not None and run_id is not None:
             client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+
+
+def _load_initial(feeder: DeltaFeeder, *, timeout_s: float, stop: threading.Event) -> None:
+    """The feeder's first read, retried while the object store does not answer (a learner starting while S3
+    restarts crashed here); a permanent error, or storage still away after ``timeout_s``, is raised."""
+    deadline = time.monotonic() + timeout_s
+    attempt = 0
+    while True:
+        try:
+            feeder.load_initial()
+            return
+        except (OSError, DeltaError, LakehouseError) as exc:
+            cause = exc.__cause__ if isinstance(exc, LakehouseError) and exc.__cause__ is not None else exc
+            wait = storage_backoff(attempt, cap_s=10.0)
+            if not is_transient_storage_error(cause) or time.monotonic() + wait > deadline or stop.is_set():
+                raise
+            log.warning("reading the tables failed (%s); retrying in %.1f s", exc, wait)
+            attempt += 1
+            stop.wait(wait)
 
 
 def _health(sampler: AdaptiveSampler, publishing: _Publishing | None) -> dict[str, float]:

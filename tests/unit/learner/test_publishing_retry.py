@@ -107,3 +107,32 @@ def test_versions_tagged_matches_every_tag(publishing: _Publishing, mlflow_uri: 
                                                                      "lineage.run_id": run})] == [1]
     assert versions_tagged(client, "sop-policy", {"lineage.learner_step": "25", "lineage.run_id": "other"}) == []
     assert versions_tagged(client, "sop-policy", {"lineage.learner_step": "2"}) == []
+
+
+class FlakyFeeder:
+    def __init__(self, errors: list[BaseException]) -> None:
+        self.errors, self.calls = errors, 0
+
+    def load_initial(self) -> dict:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return {}
+
+
+def test_the_first_read_waits_for_the_object_store(monkeypatch) -> None:
+    import threading
+
+    from deltalake.exceptions import DeltaError, SchemaMismatchError
+
+    monkeypatch.setattr(online, "storage_backoff", lambda attempt, cap_s: 0.01)
+    feeder = FlakyFeeder([OSError("Generic S3 error: connection refused"), DeltaError("Generic S3 error")])
+    online._load_initial(feeder, timeout_s=5, stop=threading.Event())  # type: ignore[arg-type]
+    assert feeder.calls == 3
+    refused = FlakyFeeder([SchemaMismatchError("not a table of ours")])
+    with pytest.raises(SchemaMismatchError):
+        online._load_initial(refused, timeout_s=5, stop=threading.Event())  # type: ignore[arg-type]
+    assert refused.calls == 1
+    away = FlakyFeeder([OSError("refused")] * 1000)
+    with pytest.raises(OSError, match="refused"):
+        online._load_initial(away, timeout_s=0.2, stop=threading.Event())  # type: ignore[arg-type]
