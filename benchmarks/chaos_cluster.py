@@ -697,7 +697,7 @@ def main(args: Any) -> None:  # noqa: ANN401 - chaos.main's parsed arguments
         logs = Path("benchmarks/results/chaos-cluster-logs")
         with contextlib.suppress(OSError):
             logs.mkdir(parents=True, exist_ok=True)
-            for f in [*tmp.glob("work/*.log"), *tmp.glob("work/learner/*.log"),
+            for f in [*tmp.glob("work/*.log"), *tmp.glob("work/run/*.log"), *tmp.glob("work/learner/*.log"),
                       *tmp.glob("run/cluster/*/*.log"), *tmp.glob("run/cluster/kafka/node-*/broker.log")]:
                 shutil.copy(f, logs / (f"{f.parent.name}-{f.name}"))
         down(settings)
