@@ -1,6 +1,10 @@
 """Chaos: a fault campaign against the real pipeline, every event accounted for one by one.
 
     .venv/bin/python -m benchmarks.chaos [--quick] [--out DIR] [--seed N]
+    .venv/bin/python -m benchmarks.chaos --profile cluster [--quick]    # faults in the cluster's services
+
+``--profile cluster`` runs benchmarks/chaos_cluster.py instead (broker kills, S3 and MLflow restarts, processor
+worker kills on three brokers, SeaweedFS and an MLflow server), with the same accounting. Without it:
 
 Starts its own broker (LocalKafka on a free loopback port, data in a temp dir), its own lake and a
 ``sop process`` child, then runs:
@@ -84,10 +88,14 @@ class Stack:
     proc: SopProcess | None = None
     unexpected_exits: list[str] = field(default_factory=list)
     open_at_timeout: int | None = None  # the processor's open episodes when a quiesce wait gave up
+    group: str = GROUP  # the processors' consumer group
 
     @property
     def lake(self) -> Path:
         return self.tmp / "lake"
+
+    def lakehouse(self) -> Lakehouse:
+        return Lakehouse(str(self.lake))
 
     @property
     def run_dir(self) -> Path:
@@ -96,7 +104,7 @@ class Stack:
     def start_processor(self) -> None:
         if self.proc is None:
             self.proc = processor_process(bootstrap=self.bootstrap, topics=self.topics, run_dir=self.run_dir,
-                                          lake=self.lake, group=GROUP, processor_flush_interval_s=0.5,
+                                          lake=self.lake, group=self.group, processor_flush_interval_s=0.5,
                                           processor_end_grace_s=5.0, processor_abort_timeout_s=self.abort_timeout_s)
         self.proc.start()
 
@@ -133,7 +141,7 @@ class Stack:
     def lag(self) -> dict[TP, int]:
         """Per input partition: high watermark minus the processor group's committed offset (0: caught up)."""
         hw = self.highwaters()
-        c = _consumer(self.bootstrap, group=GROUP)
+        c = _consumer(self.bootstrap, group=self.group)
         try:
             committed = c.committed([TopicPartition(t, p) for t, p in hw], timeout=15)
         finally:
@@ -621,7 +629,7 @@ class Verdict:
 
 
 def account(stack: Stack, phases: list[Phase], raw: RawProducer | None) -> tuple[list[Verdict], dict]:
-    lh = Lakehouse(str(stack.lake))
+    lh = stack.lakehouse()
 
     def rows(sql: str) -> list[dict]:
         return query(lh, sql).to_pylist() if lh.exists("episodes") else []
@@ -717,6 +725,7 @@ def account(stack: Stack, phases: list[Phase], raw: RawProducer | None) -> tuple
     extra = {"dead_letters_per_origin_max": max((len(x) for x in letters.values()), default=0),
              "origins_dead_lettered_more_than_once": sum(1 for x in letters.values() if len(x) > 1),
              "interventions_sharing_an_origin": dup_iv,
+             "accepted_not_in_log": len({i for ph in phases for i in ph.published} - set().union(*in_log)),
              "duplicate_step_keys": sorted(map(list, dup_steps))[:20], "duplicate_episodes": sorted(dup_eps)[:20],
              "poison": {k: dict(c) for k, c in poison.items()}}
     return verdicts, extra
@@ -763,7 +772,14 @@ def main() -> None:  # noqa: C901, PLR0915 - one campaign, read top to bottom
     ap.add_argument("--out", type=Path, default=Path("docs/results"), help="Where chaos.md and chaos.json go.")
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--keep", action="store_true", help="Keep the temp dir (broker, lake, logs) for a post-mortem.")
+    ap.add_argument("--profile", choices=("embedded", "cluster"), default="embedded",
+                    help="cluster: faults in the cluster profile's services instead (benchmarks/chaos_cluster.py).")
     args = ap.parse_args()
+    if args.profile == "cluster":
+        from benchmarks import chaos_cluster
+
+        chaos_cluster.main(args)
+        return
     kills, outage, actor_kills, fuzz, abort_s, quiet, learner_kills = (4, 10.0, 1, 100, 15.0, 90.0, 2) \
         if args.quick else (12, 20.0, 2, 300, 20.0, 180.0, 4)
     rng = random.Random(args.seed)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,6 +37,8 @@ class RegistryValueSource:
         self._model = None
         self._checked_at = -1e9
         self._root = Path(tempfile.mkdtemp(prefix="sop-values-"))
+        self._lookup: threading.Thread | None = None
+        self._pending: tuple[object, str] | None = None  # found by a background lookup, taken by the next refresh
 
     def _latest(self) -> str | None:
         from mlflow.exceptions import MlflowException
@@ -54,9 +57,39 @@ class RegistryValueSource:
         return None if newest is None else str(newest)
 
     def refresh(self) -> None:
+        """Take a version a background lookup found; every ``poll_s`` look for a newer one — the first time on
+        this thread, later in the background: a registry that does not answer (MLflow's client retries for
+        minutes) must not hold up the processor's Delta commits that call this."""
+        if self._pending is not None:
+            (self._model, self.version), self._pending = self._pending, None
         if self.tracking_uri is None or time.monotonic() - self._checked_at < self.poll_s:
             return
+        first = self._checked_at < 0
         self._checked_at = time.monotonic()
+        if first:
+            self._look_up()
+            if self._pending is not None:
+                (self._model, self.version), self._pending = self._pending, None
+        elif self._lookup is None or not self._lookup.is_alive():
+            self._lookup = threading.Thread(target=self._look_up_logged, name="sop-value-lookup", daemon=True)
+            self._lookup.start()
+
+    def settle(self, timeout_s: float = 60.0) -> None:
+        """Wait for a background lookup to end and take what it found (tests; a caller that must know now)."""
+        if self._lookup is not None:
+            self._lookup.join(timeout_s)
+        if self._pending is not None:
+            (self._model, self.version), self._pending = self._pending, None
+
+    def _look_up_logged(self) -> None:
+        try:
+            self._look_up()
+        except Exception as exc:  # noqa: BLE001 - the registry being away: the next poll tries again
+            log.warning("value model lookup failed (%s); keeping %s", exc, self.version)
+
+    def _look_up(self) -> None:
+        if self.tracking_uri is None:
+            return
         if self.tracking_uri.startswith("sqlite:///") and not Path(self.tracking_uri.removeprefix("sqlite:///")).exists():
             return  # no registry yet; opening it would create (and migrate) the database from here
         latest = self._latest()
@@ -74,7 +107,7 @@ class RegistryValueSource:
             log.warning("value model %s v%s refused: %s; keeping %s", self.name, latest, exc, self.version)
             shutil.rmtree(directory, ignore_errors=True)
             return
-        self._model, self.version = model, latest
+        self._pending = (model, latest)
         log.info("value model %s v%s loaded", self.name, latest)
 
     @property

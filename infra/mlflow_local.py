@@ -163,6 +163,32 @@ class MlflowServer:
     def stop(self) -> bool:
         return _stop_served(self.state_file)
 
+    def kill(self) -> bool:
+        """SIGKILL the server's process group (a crash on purpose: requests in flight get no answer); returns
+        whether one was running. :meth:`start` then starts it again on the same port."""
+        try:
+            st = json.loads(self.state_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+        if not _pid_alive(st.get("pid", -1)):
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(st["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _pid_alive(st["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return True
+
+    def restart(self, *, down_s: float = 0.0, kill: bool = False) -> str:
+        """Stop (SIGTERM, or SIGKILL with ``kill``), wait ``down_s``, start again on the same port, database and
+        artifact store; returns the URL once ``/health`` answers."""
+        if kill:
+            self.kill()
+        else:
+            self.stop()
+        time.sleep(down_s)
+        return self.start()
+
 
 def _wait_healthy(url: str, proc: subprocess.Popen | None, timeout_s: float, log_file: Path, hint: str) -> None:
     deadline = time.monotonic() + timeout_s

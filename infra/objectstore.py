@@ -38,6 +38,7 @@ from infra.kafka import StackError, _pid_alive, _port_open, free_port
 SEAWEEDFS_MODULE = "github.com/seaweedfs/seaweedfs"
 SEAWEEDFS_VERSION = "v0.0.0-20261109003541-7506e5f91cd6"
 CACHE = Path(os.environ.get("SOP_TOOL_CACHE", Path.home() / ".cache" / "sop"))
+READY_PROBE = ".sop-ready-probe"  # the object wait_ready writes and deletes to see that the server takes writes
 
 
 def weed_binary(version: str = SEAWEEDFS_VERSION, cache: Path = CACHE) -> Path:
@@ -139,6 +140,9 @@ class ObjectStoreConfig:
     role_bucket: str = "sop"  # the bucket whose lake the role identities (LAKE_ROLES) may use
     binary: Path | None = None  # None: built into the cache (build_weed)
     start_timeout_s: float = 90.0
+    # The master's raft election timeout. SeaweedFS's 10 s default made a restarted server (resumed raft state, a
+    # single master) refuse writes for ~15 s after S3 already answered reads: one master has nobody to wait for.
+    election_timeout_s: float = 1.0
 
 
 class LocalObjectStore:
@@ -198,6 +202,7 @@ class LocalObjectStore:
         cmd = [str(binary), "server", f"-dir={data}", f"-ip={cfg.host}", f"-ip.bind={cfg.host}",
                f"-master.port={ports['master']}", f"-master.port.grpc={ports['master_grpc']}",
                f"-master.volumeSizeLimitMB={cfg.volume_size_limit_mb}", "-master.telemetry=false",
+               f"-master.electionTimeout={cfg.election_timeout_s:g}s",
                f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume_grpc']}",
                "-volume.max=0", "-volume.preStopSeconds=0",
                "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer_grpc']}",
@@ -216,14 +221,22 @@ class LocalObjectStore:
         return self.endpoint
 
     def wait_ready(self) -> None:
-        """Until the S3 gateway answers a signed ListBuckets (the filer and volume server behind it are up)."""
+        """Until the S3 gateway answers a signed ListBuckets and, when a bucket exists, takes a write into it.
+
+        Reads answer before writes do: a restarted server lists buckets at once but stores objects only once its
+        master is raft leader again and the volume server has registered (measured: 28 s with SeaweedFS's default
+        election timeout), so a probe object is written and deleted."""
         deadline = time.monotonic() + self.config.start_timeout_s
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
                 raise StackError(f"the S3 server exited with code {self._proc.returncode}:\n{self._log_tail()}")
             try:
-                self.client().list_buckets()
+                s3 = self.client()
+                buckets = [b["Name"] for b in s3.list_buckets().get("Buckets", [])]
+                if buckets:
+                    s3.put_object(Bucket=buckets[0], Key=READY_PROBE, Body=b"ready")
+                    s3.delete_object(Bucket=buckets[0], Key=READY_PROBE)
                 return
             except Exception as exc:  # noqa: BLE001 - not up yet
                 last = exc
@@ -277,6 +290,12 @@ class LocalObjectStore:
                             aws_secret_access_key=opts["AWS_SECRET_ACCESS_KEY"], region_name=self.config.region,
                             config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2},
                                           connect_timeout=2, read_timeout=30))
+    def restart(self, *, down_s: float = 0.0) -> str:
+        """Stop the server, wait ``down_s``, start it again on the same ports and data (faults on purpose: clients
+        see connections refused meanwhile); returns the endpoint once it takes writes again."""
+        self.stop()
+        time.sleep(down_s)
+        return self.start()
 
     def stop(self, timeout_s: float = 30.0) -> bool:
         st = self.state()

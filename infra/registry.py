@@ -13,8 +13,13 @@ through ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` in each proc
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+COMPLETE_TAG = "sop.complete"  # set on a version once its files are all uploaded
 
 
 def registry_client(tracking_uri: str | None, registry_uri: str | None = None) -> MlflowClient:
@@ -51,3 +56,25 @@ def ensure_registered_model(client: MlflowClient, name: str) -> None:
             client.create_registered_model(name)
         except MlflowException:  # created concurrently by another process
             client.get_registered_model(name)
+
+
+def versions_tagged(client: MlflowClient, name: str, tags: Mapping[str, str]) -> list:
+    """The versions of ``name`` carrying every tag in ``tags`` (key -> exact value), oldest first: what an
+    idempotent registration looks for before registering again (e.g. a learner's run id and step)."""
+    clauses = [f"name = '{name}'"] + [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
+    found = client.search_model_versions(" AND ".join(clauses))
+    # filter again: a registry that ignores a tag clause must not make an unrelated version look like ours
+    return sorted((v for v in found if all(v.tags.get(k) == val for k, val in tags.items())),
+                  key=lambda v: int(v.version))
+
+
+def version_complete(client: MlflowClient, version: object) -> bool:
+    """Whether a registered version's model files were all uploaded: a version of the data format
+    (``infra.model_versions``, tag ``sop.format``) is created only after its files are, an older one was tagged
+    ``sop.complete`` last, or its logged model is READY. A SQLite registry used without a process-wide tracking
+    URI does not report a version's model id, hence the tags."""
+    tags = getattr(version, "tags", None) or {}
+    if tags.get(COMPLETE_TAG) == "true" or "sop.format" in tags:
+        return True
+    model_id = getattr(version, "model_id", None)
+    return bool(model_id) and client.get_logged_model(model_id).status == LoggedModelStatus.READY

@@ -38,6 +38,7 @@ from lakehouse.errors import (
     QueryError,
     ReaderFellBehindError,
     SchemaMismatchError,
+    StorageUnavailableError,
     TableNotFoundError,
     UnknownTableError,
     VersionNotFoundError,
@@ -70,15 +71,23 @@ from lakehouse.tables import (
     upgrade,
     version_number,
 )
-from lakehouse.writer import CommittedState, ExactlyOnceWriter, WriteResult, app_id, safe_watermark
+from lakehouse.writer import (
+    CommittedState,
+    ExactlyOnceWriter,
+    WriteResult,
+    app_id,
+    is_transient_storage_error,
+    safe_watermark,
+    storage_backoff,
+)
 
 __all__ = [
     "DEMONSTRATIONS", "EPISODES", "EXAMPLES", "INTERVENTIONS", "STEPS", "TABLES",
     "CommittedState", "Commit", "CompactionResult", "CompactionSchedule", "ExactlyOnceWriter",
     "IncrementalReader", "Lakehouse", "LakehouseError", "QueryError", "ReaderFellBehindError",
-    "SchemaMismatchError", "TableNotFoundError", "TableSpec", "UnknownTableError", "VersionNotFoundError",
+    "SchemaMismatchError", "StorageUnavailableError", "TableNotFoundError", "TableSpec", "UnknownTableError", "VersionNotFoundError",
     "WriteConflictError", "WriteResult",
-    "app_id", "compact", "conform", "connect", "history", "maybe_compact", "query", "rows_since",
-    "safe_watermark", "small_files", "snapshot", "snapshot_batches", "source_columns", "spec_of", "upgrade", "vacuum",
-    "version_at", "version_number", "write_result",
+    "app_id", "compact", "conform", "connect", "history", "is_transient_storage_error", "maybe_compact", "query",
+    "rows_since", "safe_watermark", "small_files", "snapshot", "snapshot_batches", "source_columns", "spec_of",
+    "storage_backoff", "upgrade", "vacuum", "version_at", "version_number", "write_result",
 ]

@@ -44,6 +44,10 @@ class WriteConflictError(LakehouseError):
     """A commit kept conflicting with concurrent commits after every retry."""
 
 
+class StorageUnavailableError(LakehouseError):
+    """The object store kept failing (connection refused, 5xx) for longer than the writer retries."""
+
+
 class ReaderFellBehindError(LakehouseError):
     """Files an incremental read needs were vacuumed, or their log entries cleaned up."""
 

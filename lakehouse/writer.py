@@ -40,6 +40,17 @@ Concurrency
     that snapshot, and forgets cached partitions whenever the snapshot moves past commits it did not check.
     A retry after an ambiguous failure is safe for the same reason. Rows without a Kafka origin are
     idempotent only through ``app_transactions`` (see :meth:`ExactlyOnceWriter.write`).
+
+Storage outages
+    delta-rs (object_store) retries a failed request itself for a few seconds (measured on SeaweedFS: 10 retries
+    in 1.5-5 s), then raises a plain ``DeltaError`` ("Generic S3 error: ... after 10 retries") or an ``OSError``;
+    a restarted S3 server takes longer than that to take writes again. The writer then retries the whole write
+    with a capped exponential backoff for up to ``storage_retry_s``, re-reading the table before each attempt:
+    if the failed commit did land (the request reached the server, the answer did not come back), its rows and
+    watermarks are in the table and the retry drops them, so nothing is written twice. Only batches that are
+    idempotent that way are retried (every row has a Kafka origin, or ``app_transactions`` are given); past
+    ``storage_retry_s`` the error is raised as ``StorageUnavailableError`` and the caller keeps its batch (the
+    stream processor puts it back and writes it at its next flush).
 """
 
 from __future__ import annotations
@@ -47,7 +58,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import pyarrow as pa
@@ -55,7 +66,7 @@ import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError
 
-from lakehouse.errors import LakehouseError, SchemaMismatchError, WriteConflictError
+from lakehouse.errors import LakehouseError, SchemaMismatchError, StorageUnavailableError, WriteConflictError
 from lakehouse.tables import Rows, TableSpec, arrow_schema, conform, spec_of
 
 RowsT = TypeVar("RowsT", pa.Table, list[dict[str, Any]])
@@ -109,6 +120,20 @@ class WriteResult:
     files_added: int  # one file per partition value touched (batches are far below the target file size)
     watermarks: dict[int, int]  # partition -> watermark now committed by this write
     retries: int
+    storage_retries: int = 0  # attempts that failed on the storage (connection refused, 5xx) and were retried
+
+
+def is_transient_storage_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is the object store failing (worth retrying) rather than a refusal of the write itself.
+
+    delta-rs raises storage failures as a plain ``DeltaError`` (its subclasses are conflicts, protocol, schema and
+    missing-table errors: permanent) and pyarrow's dataset reads as ``OSError``."""
+    return type(exc) is DeltaError or (isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError))
+
+
+def storage_backoff(attempt: int, *, first_s: float = 0.25, cap_s: float = 4.0) -> float:
+    """Seconds to wait before storage retry ``attempt`` (0-based): doubling from ``first_s`` up to ``cap_s``."""
+    return min(cap_s, first_s * 2 ** min(attempt, 16))
 
 
 def _origin_columns(table: pa.Table) -> tuple[pa.ChunkedArray, pa.ChunkedArray] | None:
@@ -185,6 +210,7 @@ class ExactlyOnceWriter:
         topic: str | None = None,
         max_retries: int = 20,
         backoff_s: float = 0.02,
+        storage_retry_s: float = 60.0,
     ) -> None:
         if not app_id_prefix:
             raise LakehouseError("app_id_prefix must be non-empty, e.g. '<consumer group>.<topic>'")
@@ -193,6 +219,9 @@ class ExactlyOnceWriter:
         self.topic = topic
         self.max_retries = max_retries
         self.backoff_s = backoff_s
+        if storage_retry_s < 0:
+            raise LakehouseError(f"storage_retry_s must be >= 0 (0 = do not retry storage errors), got {storage_retry_s}")
+        self.storage_retry_s = storage_retry_s
         self.spec: TableSpec | pa.Schema = spec or self._spec_from_table(table)
         self.partition_by = tuple(table.metadata().partition_columns)
         self._states: dict[int, CommittedState] = {}
@@ -306,6 +335,33 @@ class ExactlyOnceWriter:
         self._check_topic(data)
         offsets = {int(p): int(o) for p, o in (offsets or {}).items()}
         extra = {aid: int(v) for aid, v in (app_transactions or {}).items()}
+        # a retry after an ambiguous failure must be able to tell what landed: by origin, or by app transaction
+        retry = self.storage_retry_s > 0 and (bool(extra) or not pc.any(_without_origin(data)).as_py())
+        deadline = time.monotonic() + self.storage_retry_s
+        failures = 0
+        while True:
+            try:
+                result = self._write_once(data, offsets, extra, metadata)
+            except (DeltaError, OSError, LakehouseError) as exc:
+                cause = exc.__cause__ if isinstance(exc, LakehouseError) else exc
+                if cause is None or not is_transient_storage_error(cause):
+                    raise
+                wait = storage_backoff(failures)
+                if not retry or time.monotonic() + wait > deadline:
+                    raise StorageUnavailableError(
+                        f"writing to {self.table.table_uri} failed on the storage"
+                        + (f" {failures + 1} times in {self.storage_retry_s:.0f} s" if retry else
+                           " (not retried: rows without a Kafka origin and no app_transactions)")
+                        + f": {cause}") from cause
+                failures += 1
+                self._states.clear()  # re-read the table first: the failed commit may have landed
+                time.sleep(wait * random.uniform(0.8, 1.2))
+                continue
+            return replace(result, storage_retries=failures) if failures else result
+
+    def _write_once(self, data: pa.Table, offsets: Mapping[int, int], extra: Mapping[str, int],
+                    metadata: Mapping[str, str] | None) -> WriteResult:
+        """One write with its conflict retries; storage errors propagate (:meth:`write` retries them)."""
         partitions = _partitions_in(data) | set(offsets)
         total = data.num_rows
         for attempt in range(self.max_retries + 1):

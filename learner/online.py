@@ -10,7 +10,8 @@
    its metrics and lineage (Delta versions read, algorithm, learner step, omega_on per task, losses, parent
    version) and then either moves ``champion`` (``promotion="auto"``) or offers it to the ``PromotionGate``
    (``"gated"``), all off the training thread;
-4. metrics go to an MLflow run (``learn-<algorithm>``) every ``log_every`` steps, and a small JSON status
+4. metrics go to an MLflow run (``learn-<algorithm>``) every ``log_every`` steps (from the publishing thread; one
+   left waiting on the registry makes the next ones be skipped and counted), and a small JSON status
    (step, loss, omega_on per task, last version, samples/s ...) is rewritten every ``status_every_s`` for the
    live view;
 5. it stops on ``stop`` (Ctrl-C / SIGTERM in the command), a step budget or a duration, and registers the last
@@ -27,17 +28,20 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from deltalake.exceptions import DeltaError
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from infra.registry import experiment_id, registry_client
-from lakehouse import Lakehouse
+from infra.registry import experiment_id, registry_client, version_complete, versions_tagged
+from lakehouse import Lakehouse, LakehouseError, is_transient_storage_error, storage_backoff
 from learner import registry
 from learner.algorithms import Recap, make_algorithm
 from learner.batch import BatchBuilder
@@ -166,7 +170,18 @@ def _json_default(obj: Any) -> Any:
 
 
 class _Publishing:
-    """Registers versions and moves aliases (runs on the AsyncPublisher's thread)."""
+    """Registers versions and moves aliases (runs on the AsyncPublisher's thread).
+
+    A registration that fails (the registry restarting, an upload cut short) is retried ``retries`` times with a
+    backoff; MLflow's HTTP client already retries each request for minutes, so what is left are failures in the
+    middle of the sequence of calls one registration makes. Each attempt first looks for a version of this
+    learner run and step (tags ``lineage.run_id`` and ``lineage.learner_step``): a complete one is adopted, an
+    incomplete one is deleted, so a step is never registered twice — also not when MLflow's client re-sent a
+    ``create_model_version`` whose answer a dying server never sent (the extra copy is deleted and counted).
+    """
+
+    retries = 3
+    backoff_s = 2.0
 
     def __init__(self, *, config: LearnConfig, tracking_uri: str | None, text: TextEmbedder,
                  lineage: Callable[[], dict[str, Any]], condition: str, cfg_beta: float, run_id: str | None,
@@ -181,41 +196,96 @@ class _Publishing:
         self.gate = gate
         self.parent = parent
         self.versions: list[str] = []
-        self.failures = 0
+        self.failures = 0  # registrations given up (after every retry)
+        self.retried = 0  # attempts that failed and were retried
+        self.adopted = 0  # a retry found the step already registered completely
+        self.removed = 0  # incomplete or duplicate versions of one step deleted
         self.refused_non_finite = 0  # versions never registered because a weight was NaN/Inf
         self.last_error: str | None = None
         self._lock = threading.Lock()
 
     def __call__(self, model: VLAPolicy, step: int, metrics: Mapping[str, float]) -> str | None:
         lineage = {**self.lineage(), "learner_step": step, "parent_version": self.parent}
+        if self.run_id is not None:
+            lineage["run_id"] = self.run_id  # with the step, what makes a retried registration find its own
+        version: str | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                version = self._register(model, step, metrics, lineage, retry=attempt > 0)
+                break
+            except registry.NonFiniteWeights as exc:
+                with self._lock:
+                    self.refused_non_finite += 1
+                    self.last_error = str(exc)
+                log.error("not registering the policy at step %d: %s (the alias stays where it is)", step, exc)
+                return None
+            except Exception as exc:  # noqa: BLE001 - a registry hiccup must not stop training; retried, counted
+                with self._lock:
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    if attempt == self.retries:
+                        self.failures += 1
+                    else:
+                        self.retried += 1
+                if attempt == self.retries:
+                    log.warning("registering the policy at step %d failed %d times, giving up on this step "
+                                "(the next version is registered as usual): %s", step, attempt + 1, exc)
+                    return None
+                wait = self.backoff_s * 2 ** attempt
+                log.warning("registering the policy at step %d failed (%s); retrying in %.0f s", step, exc, wait)
+                time.sleep(wait)
+        assert version is not None
+        with self._lock:
+            self.versions.append(version)
+            self.parent = version
         try:
-            embeddings = self.text.table() if hasattr(self.text, "table") else {}
-            version = registry.register_policy(
-                model, name=self.config.policy_name, alias=None, metrics=metrics, lineage=lineage,
-                tracking_uri=self.tracking_uri, embeddings=embeddings, condition=self.condition,  # type: ignore[arg-type]
-                cfg_beta=self.cfg_beta, experiment=self.config.experiment, run_id=self.run_id, step=step)
             if self.config.promotion == "auto":
                 if not pinned(name=self.config.policy_name, tracking_uri=self.tracking_uri):
                     promote(version, name=self.config.policy_name, tracking_uri=self.tracking_uri,
                             alias=self.config.champion_alias, reason=f"auto: learner step {step}")
             elif self.gate is not None:
                 self.gate.offer(version)
-        except registry.NonFiniteWeights as exc:
+        except Exception as exc:  # noqa: BLE001 - the version is registered; the next one moves the alias
             with self._lock:
-                self.refused_non_finite += 1
-                self.last_error = str(exc)
-            log.error("not registering the policy at step %d: %s (the alias stays where it is)", step, exc)
-            return None
-        except Exception as exc:  # noqa: BLE001 - a registry hiccup must not stop training; counted and logged
-            with self._lock:
-                self.failures += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
-            log.warning("registering the policy at step %d failed: %s", step, exc)
-            return None
-        with self._lock:
-            self.versions.append(version)
-            self.parent = version
+            log.warning("version %s (step %d) is registered but promoting it failed: %s", version, step, exc)
         return version
+
+    def _step_tags(self, step: int) -> dict[str, str]:
+        return {"lineage.learner_step": str(step), "lineage.run_id": str(self.run_id)}
+
+    def _register(self, model: VLAPolicy, step: int, metrics: Mapping[str, float], lineage: Mapping[str, Any],
+                  *, retry: bool) -> str:
+        name = self.config.policy_name
+        client = registry_client(self.tracking_uri)
+        if retry and self.run_id is not None:  # an earlier attempt may have got (part of) the way
+            found = versions_tagged(client, name, self._step_tags(step))
+            complete = [v for v in found if version_complete(client, v)]
+            keep = str(complete[0].version) if complete else None
+            self._remove(client, [v for v in found if str(v.version) != keep], step)
+            if keep is not None:
+                with self._lock:
+                    self.adopted += 1
+                log.info("step %d is already registered as version %s: adopting it", step, keep)
+                return keep
+        embeddings = self.text.table() if hasattr(self.text, "table") else {}
+        version = registry.register_policy(
+            model, name=name, alias=None, metrics=metrics, lineage=lineage, tracking_uri=self.tracking_uri,
+            embeddings=embeddings, condition=self.condition,  # type: ignore[arg-type]
+            cfg_beta=self.cfg_beta, experiment=self.config.experiment, run_id=self.run_id, step=step)
+        if self.run_id is not None:
+            # MLflow's HTTP client re-sends a request whose answer was lost: a create_model_version that reached a
+            # server killed before it answered leaves a second version of this step
+            self._remove(client, [v for v in versions_tagged(client, name, self._step_tags(step))
+                                  if str(v.version) != version], step)
+        return version
+
+    def _remove(self, client: MlflowClient, versions: list, step: int) -> None:
+        for v in versions:
+            log.warning("deleting version %s: an incomplete or second registration of learner step %d", v.version,
+                        step)
+            client.delete_model_version(self.config.policy_name, str(v.version))
+            with self._lock:
+                self.removed += 1
 
     def check_gate(self) -> None:
         if self.gate is None:
@@ -286,7 +356,7 @@ def run_learning(config: LearnConfig, *, lake: Lakehouse, tracking_uri: str | No
             prometheus.publish(status)
 
     emit()
-    feeder.load_initial()
+    _load_initial(feeder, timeout_s=config.wait_for_data_s, stop=stop)
     feeder.start()
     prefetcher: Prefetcher | None = None
     publisher: AsyncPublisher | None = None
@@ -333,6 +403,8 @@ def run_learning(config: LearnConfig, *, lake: Lakehouse, tracking_uri: str | No
         window_start, window_steps = time.monotonic(), 0
         steps_per_s = 0.0
         done = 0
+        metrics_logged: Future[Any] | None = None
+        metric_logs_skipped = 0
         metrics: dict[str, float] = {}
         while True:
             want_stop = stop.is_set()
@@ -357,7 +429,16 @@ def run_learning(config: LearnConfig, *, lake: Lakehouse, tracking_uri: str | No
                 continue
             now = time.monotonic()
             if done % config.log_every == 0 and client is not None and run_id is not None:
-                _log_metrics(client, run_id, metrics, learner.steps, prefetcher, health=_health(sampler, publishing))
+                log_call = partial(_log_metrics, client, run_id, dict(metrics), learner.steps, prefetcher,
+                                   health=_health(sampler, publishing))
+                if publisher is None:
+                    log_call()
+                elif metrics_logged is None or metrics_logged.done():
+                    # on the publishing thread: a registry that does not answer must not stall training
+                    metrics_logged = publisher.submit(log_call)
+                else:
+                    metric_logs_skipped += 1  # the previous one still waits on the registry
+                    status["metric_logs_skipped"] = metric_logs_skipped
             if now - last_status >= config.status_every_s:
                 steps_per_s = window_steps / max(1e-9, now - window_start)
                 window_start, window_steps = now, 0
@@ -395,6 +476,25 @@ def run_learning(config: LearnConfig, *, lake: Lakehouse, tracking_uri: str | No
         feeder.close()
         if client is not None and run_id is not None:
             client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+
+
+def _load_initial(feeder: DeltaFeeder, *, timeout_s: float, stop: threading.Event) -> None:
+    """The feeder's first read, retried while the object store does not answer (a learner starting while S3
+    restarts crashed here); a permanent error, or storage still away after ``timeout_s``, is raised."""
+    deadline = time.monotonic() + timeout_s
+    attempt = 0
+    while True:
+        try:
+            feeder.load_initial()
+            return
+        except (OSError, DeltaError, LakehouseError) as exc:
+            cause = exc.__cause__ if isinstance(exc, LakehouseError) and exc.__cause__ is not None else exc
+            wait = storage_backoff(attempt, cap_s=10.0)
+            if not is_transient_storage_error(cause) or time.monotonic() + wait > deadline or stop.is_set():
+                raise
+            log.warning("reading the tables failed (%s); retrying in %.1f s", exc, wait)
+            attempt += 1
+            stop.wait(wait)
 
 
 def _health(sampler: AdaptiveSampler, publishing: _Publishing | None) -> dict[str, float]:
@@ -450,7 +550,8 @@ def _status_fields(learner: Learner, sampler: AdaptiveSampler, feeder: DeltaFeed
     if publishing is not None:
         fields.update(last_version=publishing.parent,
                       versions_registered=len(publishing.versions), publish_failures=publishing.failures,
-                      publish_refused_non_finite=publishing.refused_non_finite)
+                      publish_retried=publishing.retried, publish_adopted=publishing.adopted,
+                      publish_removed=publishing.removed, publish_refused_non_finite=publishing.refused_non_finite)
         if publishing.gate is not None:
             fields["gate"] = dict(publishing.gate.last, pending=publishing.gate.pending)
     return fields

@@ -15,7 +15,8 @@ an unknown architecture is refused), then *vets* it: the object must be a policy
 it; the actor picks it up at its next episode. A version that fails any of that is refused: logged,
 counted, its error kept, and remembered so the poller does not reload it on every poll (unless
 ``retry_refused_after_s``); the actor keeps the version it has. Registry outages are counted and
-retried at the next poll.
+retried at the next poll — also one that cuts a download short: a version is refused for what it is, never
+because the registry did not answer (:func:`registry_unreachable`).
 """
 
 from __future__ import annotations
@@ -114,6 +115,27 @@ def default_probe(task: str, instruction: str, *, image_size: int = 64, camera: 
         instruction=instruction,
         task=task,
     )
+
+
+def registry_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is the registry not answering — connection refused or reset, a
+    timeout, retries exhausted — rather than something wrong with the version it served."""
+    import requests
+    import urllib3
+
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ConnectionError | TimeoutError | requests.ConnectionError | requests.Timeout
+                      | urllib3.exceptions.HTTPError):
+            return True
+        # MLflow's client reports exhausted retries as MlflowException("API request to ... failed with exception
+        # HTTPConnectionPool(...): Max retries exceeded ...") without chaining the requests error
+        if type(cause).__name__ == "MlflowException" and "Max retries exceeded" in str(cause):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def vet_policy(policy: object, *, version: str, probe: Observation, action_dim: int) -> Policy:
@@ -295,8 +317,14 @@ class RegistryPolicySource:
             loaded = self._loader(version, str(directory))
             policy = vet_policy(loaded, version=version, probe=self.probe, action_dim=self.config.action_dim)
         except Exception as exc:
-            self._refuse(version, exc)
             shutil.rmtree(directory, ignore_errors=True)
+            if registry_unreachable(exc):  # the download failed, not the version: try again at the next poll
+                self.poll_errors += 1
+                self.last_poll_error = f"downloading version {version}: {type(exc).__name__}: {exc}"
+                LOG.warning("could not download %s version %s, keeping version %s (will try again): %s",
+                            self.config.model_name, version, self.version, exc)
+                return False
+            self._refuse(version, exc)
             return False
         load_s = time.perf_counter() - started
         with self._ready:

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from infra import KafkaBrokerConfig, LocalKafka, LocalMlflow, MlflowConfig, ensure_topics
-from infra.kafka import KafkaCluster, KafkaClusterConfig, wait_until_ready
+from infra.kafka import KafkaCluster, KafkaClusterConfig, StackError, wait_until_ready
 from infra.mlflow_local import MlflowServer, MlflowServerConfig, ensure_experiment
 from infra.objectstore import LAKE_ROLES, LocalObjectStore, ObjectStoreConfig
 from infra.postgres import LocalPostgres, PostgresConfig
@@ -170,15 +170,7 @@ def _cluster_up(settings: Settings) -> StackInfo:
             cluster.s3.start()
             cluster.s3.ensure_bucket(cluster.bucket)
             database = cluster.postgres.start()
-            opts = cluster.s3.storage_options()
-            # the server alone reaches the bucket (boto3 reads these); clients see only its HTTP API
-            artifact_env = {"MLFLOW_S3_ENDPOINT_URL": opts["AWS_ENDPOINT_URL"],
-                            "AWS_ACCESS_KEY_ID": opts["AWS_ACCESS_KEY_ID"],
-                            "AWS_SECRET_ACCESS_KEY": opts["AWS_SECRET_ACCESS_KEY"],
-                            "AWS_DEFAULT_REGION": opts["AWS_REGION"]}
-            server = MlflowServer(replace(cluster.mlflow.config, backend_store_uri=database, artifact_env=artifact_env,
-                                          auth=registry_auth(settings) if settings.security else None))
-            tracking = server.start()
+            tracking = _complete_mlflow(cluster, database, settings).start()
         finally:
             bootstrap = brokers.result()  # raises what the brokers' start raised
     endpoints = {"kafka_bootstrap": bootstrap, "mlflow_tracking_uri": tracking, "lake_uri": cluster.lake_uri,
@@ -201,6 +193,26 @@ def _cluster_up(settings: Settings) -> StackInfo:
              "artifacts": cluster.artifacts_destination}
     return StackInfo(bootstrap=bootstrap, external_kafka=False, topics_created=created, tracking_uri=tracking,
                      ui_url=tracking, profile="cluster", settings=resolved, parts=parts)
+
+
+def _complete_mlflow(cluster: Cluster, database: str, settings: Settings) -> MlflowServer:
+    opts = cluster.s3.storage_options()
+    # the server alone reaches the bucket (boto3 reads these); clients see only its HTTP API
+    artifact_env = {"MLFLOW_S3_ENDPOINT_URL": opts["AWS_ENDPOINT_URL"],
+                    "AWS_ACCESS_KEY_ID": opts["AWS_ACCESS_KEY_ID"],
+                    "AWS_SECRET_ACCESS_KEY": opts["AWS_SECRET_ACCESS_KEY"],
+                    "AWS_DEFAULT_REGION": opts["AWS_REGION"]}
+    return MlflowServer(replace(cluster.mlflow.config, backend_store_uri=database, artifact_env=artifact_env,
+                                auth=registry_auth(settings) if settings.security else None))
+
+
+def running_cluster(settings: Settings) -> Cluster:
+    """The services of a cluster that runs (``sop up --profile cluster``), each ready to be stopped, killed and
+    started again on its ports and data: the MLflow server with its database and artifact store filled in."""
+    cluster = local_cluster(settings)
+    if cluster.postgres.pid() is None:
+        raise StackError("the cluster's PostgreSQL is not running: `sop up --profile cluster` first")
+    return replace(cluster, mlflow=_complete_mlflow(cluster, cluster.postgres.uri, settings))
 
 
 def _without_password(uri: str) -> str:

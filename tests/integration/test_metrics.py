@@ -29,15 +29,15 @@ from producers.actor import ActorConfig
 from producers.actor_runner import RunnerConfig, nothing, run_robot_process
 from producers.loadgen import LoadGenConfig, iter_fleet
 from producers.metrics import ActorMetrics
-from producers.policies import register_python_model
+from producers.policies import register_policy_config
 from producers.publisher import EventPublisher, PublisherConfig
 from producers.registry_source import RegistrySourceConfig
 from schemas.images import jpeg_pool
-from sim.expert_pyfunc import register_expert_policy
+from sim.expert_version import register_expert_policy
 from sim.metaworld_robot import MetaWorldRobot, MetaWorldRobotConfig
 from sim.tasks import ONLINE_SEEDS
 from tests.integration.processing import ProcessorProcess, count, wait_for
-from tests.integration.test_actor_stack import LoadContextRaises, consume_all
+from tests.integration.test_actor_stack import consume_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore")]
 
@@ -162,7 +162,7 @@ def test_an_actor_endpoint_counts_its_steps_episodes_and_refusals(kafka, topics,
             _until(lambda: (scrape(url).value("sop_actor_episodes_total") or 0) >= 1, "a first episode",
                    alive=thread.is_alive)
             assert scrape(url).value("sop_actor_policy_version") == 1
-            assert register_python_model(LoadContextRaises, mlflow_uri) == "2"
+            assert register_policy_config("no-such-architecture", {}, mlflow_uri) == "2"  # refused: not a known one
             _until(lambda: scrape(url).value("sop_actor_refused_versions_total") == 1, "the refusal",
                    alive=thread.is_alive)
             before = scrape(url).value("sop_actor_steps_total")

@@ -237,7 +237,8 @@ def test_the_processor_refuses_a_tampered_value_version_and_keeps_its_own(tracki
     stored = Path(client.get_model_version_download_uri("sop-value", "2").removeprefix("file://"))
     weights = stored / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
-    source.refresh()
+    source.refresh()  # later lookups run in the background
+    source.settle()
     assert source.version == "1" and "weights.safetensors has SHA-256" in source.refused["2"]
     np.testing.assert_array_equal(source("reach-v3", rows), expected)  # still the version it had
     assert RegistryValueSource(tracking_uri=tracking_uri, poll_s=1e-9).version is None  # no architectures: none

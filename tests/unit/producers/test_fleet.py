@@ -94,6 +94,7 @@ def test_process_fleet_stops_with_sigterm_then_sigkill(tmp_path: Path) -> None:
     done = fleet.start("done", [sys.executable, "-c", "print('done')"], log_path=tmp_path / "d.log")
     for m in (graceful, stubborn):
         _wait_for(m.log_path, "up")
+    done.process.wait(timeout=30)  # it must have ended on its own before the stop (a loaded machine starts slowly)
     assert fleet.wait(timeout_s=0.1) is False
     fleet.stop(grace_s=1.0)
     assert fleet.poll() == []

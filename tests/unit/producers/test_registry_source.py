@@ -25,6 +25,7 @@ from producers.registry_source import (
     RegistryPolicySource,
     RegistrySourceConfig,
     default_probe,
+    registry_unreachable,
     vet_policy,
 )
 from sim.expert import ExpertPolicy
@@ -164,6 +165,45 @@ def test_registry_outage_is_counted_and_the_policy_kept() -> None:
     registry.down = False
     registry.promote("2", ConstantPolicy(version="2"))
     assert source.poll_once() is True and source.last_poll_error is None
+
+
+def test_a_download_the_registry_cut_short_is_tried_again_not_refused() -> None:
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    registry = FakeRegistry()
+    source = source_for(registry)
+    registry.promote("1", ConstantPolicy(version="1"))
+    source.poll_once()
+    try:  # as MLflow reports a download whose retries ran out while the server restarted
+        raise requests.ConnectionError("Connection refused")
+    except requests.ConnectionError:
+        try:
+            raise MlflowException("API request to http://127.0.0.1:5000/api/2.0/mlflow-artifacts/... failed")
+        except MlflowException as exc:
+            cut_short = exc
+    registry.promote("2", cut_short)
+    assert source.poll_once() is False
+    assert source.refused == {} and source.poll_errors == 1 and "downloading version 2" in source.last_poll_error
+    assert source.current().version == "1"
+    registry.versions["2"] = ConstantPolicy(version="2")  # the registry is back
+    assert source.poll_once() is True and source.current().version == "2"
+    assert registry.loads == ["1", "2", "2"]
+
+
+def test_what_counts_as_the_registry_not_answering() -> None:
+    import requests
+    import urllib3
+    from mlflow.exceptions import MlflowException
+
+    assert registry_unreachable(ConnectionRefusedError(111, "refused"))
+    assert registry_unreachable(requests.ReadTimeout("read timed out"))
+    assert registry_unreachable(urllib3.exceptions.ProtocolError("Connection aborted"))
+    assert registry_unreachable(MlflowException("API request to http://h/api failed with exception "
+                                                "HTTPConnectionPool(host='h', port=1): Max retries exceeded"))
+    assert not registry_unreachable(MlflowException("RESOURCE_DOES_NOT_EXIST: version 9"))
+    assert not registry_unreachable(ValueError("weights of the wrong shape"))
+    assert not registry_unreachable(PolicyRefusedError("act returned NaN"))
 
 
 def test_background_thread_follows_the_alias_and_current_never_blocks() -> None:
