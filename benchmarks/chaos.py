@@ -358,8 +358,6 @@ def phase_actor(stack: Stack, kills: int, rng: random.Random, quiet_s: float) ->
         child.kill()
         log(f"phase 3: SIGKILL #{i + 1}/{kills} of a `sop loadgen` publisher mid-episode")
     ph.notes.append(f"{kills} SIGKILLs of a `sop loadgen` child (4 robots x 30 Hz); its open episodes must end ABORTED")
-    ph.notes.append("learner: not run (`sop learn` needs demonstrations, a base policy and a text encoder: "
-                    "minutes of setup on 2 cores)")
     log(f"phase 3: waiting for the processor to abort the orphaned episodes (abort timeout "
         f"{stack.abort_timeout_s:.0f} s)")
     ph.stalled = stack.quiesce(quiet_s + stack.abort_timeout_s)

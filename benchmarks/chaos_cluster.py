@@ -51,6 +51,8 @@ from benchmarks.chaos import (
     log,
 )
 from infra.kafka import create_topic_set
+from infra.model_versions import TAG_FORMAT
+from infra.registry import COMPLETE_TAG
 from lakehouse import Lakehouse
 from producers.loadgen import LoadGenConfig
 from producers.publisher import EventPublisher, PublisherConfig, SpoolConfig
@@ -172,10 +174,13 @@ class Follower:
 
     def __init__(self, tracking_uri: str, name: str, *, interval_s: float = 0.2) -> None:
         from producers.registry_source import RegistryPolicySource, RegistrySourceConfig, default_probe
+        from sop.architectures import policy_architectures
 
         self.probe = default_probe(LEARNER_TASKS[0], POLICY_INSTRUCTION, image_size=32)
         self.source = RegistryPolicySource(RegistrySourceConfig(tracking_uri=tracking_uri, model_name=name,
-                                                                poll_interval_s=1.0), probe=self.probe)
+                                                                poll_interval_s=1.0,
+                                                                architectures=policy_architectures()),
+                                           probe=self.probe)
         self.interval_s = interval_s
         self.acts: list[tuple[float, str]] = []  # (time.monotonic(), version) of every act
         self.failures: list[str] = []
@@ -571,7 +576,9 @@ def run_campaign(settings: Settings, cfg: CampaignConfig, *, workdir: Path) -> C
         versions = learner.versions()
         steps = [v.tags.get("lineage.learner_step") for v in versions]
         twice = len(steps) - len(set(steps))
-        incomplete = [v.version for v in versions if v.tags.get("sop.complete") != "true"]
+        # complete: a data-format version (created only after its files) or one tagged once its upload ended
+        incomplete = [v.version for v in versions
+                      if v.tags.get(COMPLETE_TAG) != "true" and TAG_FORMAT not in v.tags]
         if twice:
             learner_checks.append(f"{twice} learner steps registered twice")
         if incomplete:
