@@ -106,8 +106,12 @@ class ClosedLoop:
         self.site_env: dict[str, str] = {}  # under the cluster profile: every endpoint, explicitly, for the children
 
     # -- steps -----------------------------------------------------------------------------------
-    def _child(self, name: str, args: list[str], *, settings: dict | None = None) -> SopProcess:
+    def _child(self, name: str, args: list[str], *, settings: dict | None = None,
+               principal: str | None = None) -> SopProcess:
         env = {"SOP_RUN_DIR": str(self.settings.run_path), **self.site_env, **self.config.extra_env}
+        if self.settings.secure:  # each part authenticates as its own principal (docs/security.md)
+            env.update({"SOP_KAFKA_SECURITY": self.settings.kafka_security,
+                        "SOP_KAFKA_PRINCIPAL": principal or "sop-tools"})
         return SopProcess(args, env=env, settings=settings, log=self.logs / f"{name}.log", own_session=True)
 
     def _run_to_end(self, name: str, args: list[str]) -> None:
@@ -135,6 +139,13 @@ class ClosedLoop:
                 self.console.print(f"[green]{part}[/] {where}")
         else:
             self.console.print(f"[green]stack[/] kafka {info.bootstrap} · mlflow {info.tracking_uri}")
+        if self.settings.secure:
+            from sop.commands.robot import add_robot
+
+            with self.console.status(f"adding {self.config.actors} robot principals…"):
+                for aid in self.actor_ids:
+                    add_robot(self.settings, aid)
+            self.console.print(f"[green]security[/] SASL/SCRAM over TLS, ACLs; robots {', '.join(self.actor_ids)}")
         tasks = ["--tasks", ",".join(self.config.tasks)] if self.config.tasks else []
         if _demo_rows(self.settings) == 0 and self.config.demos_per_task is not None:
             self._run_to_end("demos", ["demos", "--episodes-per-task", str(self.config.demos_per_task),
@@ -157,18 +168,21 @@ class ClosedLoop:
         cfg = self.config
         self.started_at = time.time()
         for name in self.processor_names:
-            self.children[name] = self._child(name, ["process"]).start()
+            self.children[name] = self._child(name, ["process"], principal="sop-processor").start()
         if cfg.learn_online:
             self.children["learner"] = self._child("learner", [
                 "learn", "--algorithm", cfg.algorithm, "--sampler", cfg.sampler, "--quiet", *cfg.learn_args]).start()
         tasks = ["--tasks", ",".join(cfg.tasks)] if cfg.tasks else []
-        for i in range(cfg.actors):
-            aid = f"actor-{i:02d}"
+        for i, aid in enumerate(self.actor_ids):
             self.children[aid] = self._child(aid, [
                 "actor", "--actor-id", aid, "--hz", str(cfg.hz), "--seed-start", str(10_000 + i),
                 "--seed-stride", str(cfg.actors), "--operator" if cfg.operator else "--no-operator",
                 "--no-status", "--status-file", str(self.settings.run_path / "actors" / f"{aid}.json"),
-                *tasks, *cfg.actor_args]).start()
+                *tasks, *cfg.actor_args], principal=aid).start()
+
+    @property
+    def actor_ids(self) -> list[str]:
+        return [f"actor-{i:02d}" for i in range(self.config.actors)]
 
     @property
     def processor_names(self) -> list[str]:

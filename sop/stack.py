@@ -23,10 +23,35 @@ from infra.postgres import LocalPostgres, PostgresConfig
 from sop.settings import Settings, endpoints_file, resolve_profile
 
 
+def _security(settings: Settings) -> dict:
+    """The broker fields that secure it (SOP_KAFKA_SECURITY=scram-tls), creating the material if missing."""
+    if not settings.secure:
+        return {}
+    settings.security.ensure()
+    return settings.security.broker_settings()
+
+
 def local_kafka(settings: Settings) -> LocalKafka:
     return LocalKafka(KafkaBrokerConfig(data_dir=settings.run_path / "kafka", version=settings.kafka_version,
                                         port=settings.kafka_port, heap_mb=settings.kafka_heap_mb,
-                                        max_message_bytes=settings.max_message_bytes))
+                                        max_message_bytes=settings.max_message_bytes, **_security(settings)))
+
+
+def provision_security(settings: Settings, internal: str) -> Settings:
+    """Security on: the services' SCRAM users, ACLs and client files, through the INTERNAL listener (as the brokers
+    themselves, mTLS); then wait until the admin's credentials work on the client listener. Returns the settings
+    with the admin's client config unless one was set explicitly."""
+    from confluent_kafka.admin import AdminClient
+
+    from infra.kafka_security import ADMIN
+
+    sec = settings.security
+    admin = AdminClient({"bootstrap.servers": internal, **sec.internal_client_config()})
+    sec.provision_services(admin, topics=settings.topics, group=settings.processor_group,
+                           prefix=settings.topic_prefix)
+    if "kafka_client_config" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"kafka_client_config": sec.service_config(ADMIN)})
+    return settings
 
 
 def local_mlflow(settings: Settings) -> LocalMlflow:
@@ -59,7 +84,7 @@ def local_cluster(settings: Settings) -> Cluster:
         data_dir=root / "kafka", nodes=settings.cluster_kafka_nodes, version=settings.kafka_version,
         first_port=settings.kafka_port, heap_mb=settings.cluster_kafka_heap_mb,
         max_message_bytes=settings.max_message_bytes,
-        min_insync_replicas=min(2, settings.cluster_kafka_nodes)))
+        min_insync_replicas=min(2, settings.cluster_kafka_nodes), **_security(settings)))
     s3 = LocalObjectStore(ObjectStoreConfig(data_dir=root / "s3"))
     postgres = LocalPostgres(PostgresConfig(data_dir=root / "postgres"))
     # the database URI (its password) and the bucket's keys are known once those services were set up:
@@ -91,7 +116,11 @@ def up(settings: Settings, *, ui: bool = False) -> StackInfo:
         bootstrap = settings.kafka_bootstrap
         wait_until_ready(bootstrap, timeout_s=30, client_config=settings.kafka_client_config)
     else:
-        bootstrap = local_kafka(settings).start()
+        broker = local_kafka(settings)
+        bootstrap = broker.start()
+        if settings.secure:
+            settings = provision_security(settings, broker.internal_address or bootstrap)
+            wait_until_ready(bootstrap, timeout_s=30, client_config=settings.kafka_client_config)
     created = ensure_topics(bootstrap, settings.topic_specs(), client_config=settings.kafka_client_config)
     mlflow = local_mlflow(settings)
     mlflow.init()
@@ -128,6 +157,9 @@ def _cluster_up(settings: Settings) -> StackInfo:
     path.write_text(json.dumps(endpoints, indent=2))
     path.chmod(0o600)  # it holds the object store's keys
     resolved = resolve_profile(settings)
+    if settings.secure:
+        resolved = provision_security(resolved, cluster.kafka.node(1).internal_address or bootstrap)
+        wait_until_ready(bootstrap, timeout_s=30, client_config=resolved.kafka_client_config)
     created = ensure_topics(bootstrap, resolved.topic_specs(), client_config=resolved.kafka_client_config)
     ensure_experiment(tracking, None)  # artifacts: the server's proxied store (mlflow-artifacts:/)
     parts = {"kafka": f"{settings.cluster_kafka_nodes} brokers {bootstrap}", "s3": cluster.s3.endpoint,

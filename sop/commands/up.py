@@ -18,10 +18,12 @@ from sop.stack import up
 @click.option("--ui", is_flag=True, help="Also serve the MLflow UI on loopback (SOP_MLFLOW_UI_PORT; the cluster "
                                          "profile's MLflow server is its UI).")
 @click.option("--print-env", is_flag=True, help="Print the SOP_ settings that point another machine at this stack.")
-def command(profile: str | None, ui: bool, print_env: bool) -> None:
+@click.option("--secure", is_flag=True, help="Kafka with SASL/SCRAM-SHA-512 over TLS and ACLs (the same as "
+                                             "SOP_KAFKA_SECURITY=scram-tls, which every other command then needs too).")
+def command(profile: str | None, ui: bool, print_env: bool, secure: bool) -> None:
     """Start the local stack: the brokers, the topics, the MLflow registry (and, for the cluster profile, the S3
     server and PostgreSQL)."""
-    settings = load_settings(profile=profile)
+    settings = load_settings(profile=profile, **({"kafka_security": "scram-tls"} if secure else {}))
     console = Console()
     first = ("first run resolves the Kafka jars with Maven" if settings.profile == "embedded"
              else "3 brokers, S3 server, PostgreSQL, MLflow server; the first run builds SeaweedFS")
@@ -37,6 +39,12 @@ def command(profile: str | None, ui: bool, print_env: bool) -> None:
         console.print(f"[green]topics[/] created {', '.join(info.topics_created)}")
     if info.ui_url:
         console.print(f"[green]ui[/]     {info.ui_url}")
+    if settings.secure:
+        console.print(f"[green]security[/] SASL/SCRAM-SHA-512 over TLS, ACLs; CA {settings.security.ca_file}; "
+                      f"principals' client settings in {settings.security.client_file('x').parent} "
+                      "(`sop robot add NAME` for each robot)")
+        if secure:
+            console.print("[yellow]set SOP_KAFKA_SECURITY=scram-tls for every other command[/]")
     console.print(f"run directory: {settings.run_path}")
     if print_env and info.settings is not None:
         for name, value in site_environment(info.settings).items():
