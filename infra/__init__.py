@@ -9,6 +9,8 @@ The cluster profile's services: :class:`infra.kafka.KafkaCluster` (three combine
 KRaft quorum), :class:`infra.objectstore.LocalObjectStore` (SeaweedFS S3, built once from its Go module),
 :class:`infra.postgres.LocalPostgres` and :class:`infra.mlflow_local.MlflowServer` (MLflow on PostgreSQL with
 artifacts proxied to the bucket); :mod:`infra.kafka_client` maps the librdkafka-style client config onto aiokafka.
+:mod:`infra.kafka_security` owns the secured mode (``SOP_KAFKA_SECURITY=scram-tls``): the local CA and the brokers'
+certificate, SCRAM principals, the ACLs of each role, the robots' signing keys (docs/security.md).
 
     broker = LocalKafka(KafkaBrokerConfig(data_dir=run_dir / "kafka"))
     bootstrap = broker.start()             # formats storage if needed, waits until it answers

@@ -37,6 +37,7 @@ import json
 import os
 import re
 import secrets
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +185,41 @@ def revoke_all(admin: AdminClient, principal: str) -> int:
         except KafkaException as exc:
             raise SecurityError(f"deleting the ACLs of {principal} failed: {exc}") from exc
     return deleted
+
+
+def wait_for_login(bootstrap: str, client_config: dict[str, str], *, topics: Iterable[str] = (),
+                   timeout_s: float = 30.0) -> None:
+    """Block until ``client_config`` authenticates and sees ``topics`` (a new SCRAM credential and new ACLs reach
+    every broker through the metadata log shortly after the controller accepted them: a robot started before
+    that would have its first events refused)."""
+    deadline = time.monotonic() + timeout_s
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0, **client_config})
+    want = set(topics)
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            visible = set(admin.list_topics(timeout=3).topics)
+            if want <= visible:
+                return
+            last = f"sees {sorted(visible)}, not yet {sorted(want - visible)}"
+        except KafkaException as exc:
+            last = exc
+        time.sleep(0.2)
+    raise SecurityError(f"the new credentials or ACLs of {client_config.get('sasl.username')} did not take effect "
+                        f"within {timeout_s:.0f}s: {last}")
+
+
+def wait_until_refused(bootstrap: str, client_config: dict[str, str], *, timeout_s: float = 30.0) -> None:
+    """Block until ``client_config`` no longer authenticates."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0, **client_config})
+        try:
+            admin.list_topics(timeout=3)
+        except KafkaException:
+            return
+        time.sleep(0.3)
+    raise SecurityError(f"{client_config.get('sasl.username')} still authenticates {timeout_s:.0f}s after its revocation")
 
 
 def acls_of(admin: AdminClient, principal: str) -> list[AclBinding]:

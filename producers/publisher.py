@@ -5,6 +5,10 @@
     publisher.flush()                                         # returns how many are still undelivered
     publisher.stats                                           # produced / delivered / failed counts
 
+With ``PublisherConfig(signer=Signer(principal, key))`` (Kafka security on: the robot's identity of
+`sop robot add`) every event carries the robot's signature headers (:mod:`schemas.identity`), which the
+processor verifies before it believes the event's ``actor_id``.
+
 Every message ends in exactly one of two counters: ``delivered`` (acknowledged by all in-sync
 replicas) or ``failed`` (reported through ``on_failure`` and kept in ``failures``), never neither.
 

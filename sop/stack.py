@@ -122,11 +122,21 @@ def up(settings: Settings, *, ui: bool = False) -> StackInfo:
             settings = provision_security(settings, broker.internal_address or bootstrap)
             wait_until_ready(bootstrap, timeout_s=30, client_config=settings.kafka_client_config)
     created = ensure_topics(bootstrap, settings.topic_specs(), client_config=settings.kafka_client_config)
+    if settings.secure and not settings.kafka_bootstrap:
+        _wait_for_grants(settings, bootstrap)
     mlflow = local_mlflow(settings)
     mlflow.init()
     url = mlflow.serve_ui() if ui else None
     return StackInfo(bootstrap=bootstrap, external_kafka=bool(settings.kafka_bootstrap), topics_created=created,
                      tracking_uri=settings.tracking_uri, ui_url=url, settings=settings)
+
+
+def _wait_for_grants(settings: Settings, bootstrap: str) -> None:
+    """Until the processor's credentials and ACLs took effect on the brokers (it sees its topics): a processor
+    started at once would otherwise be refused."""
+    from infra.kafka_security import PROCESSOR, wait_for_login
+
+    wait_for_login(bootstrap, settings.security.service_config(PROCESSOR), topics=settings.topics.values())
 
 
 def _cluster_up(settings: Settings) -> StackInfo:
@@ -161,6 +171,8 @@ def _cluster_up(settings: Settings) -> StackInfo:
         resolved = provision_security(resolved, cluster.kafka.node(1).internal_address or bootstrap)
         wait_until_ready(bootstrap, timeout_s=30, client_config=resolved.kafka_client_config)
     created = ensure_topics(bootstrap, resolved.topic_specs(), client_config=resolved.kafka_client_config)
+    if settings.secure:
+        _wait_for_grants(resolved, bootstrap)
     ensure_experiment(tracking, None)  # artifacts: the server's proxied store (mlflow-artifacts:/)
     parts = {"kafka": f"{settings.cluster_kafka_nodes} brokers {bootstrap}", "s3": cluster.s3.endpoint,
              "lake": cluster.lake_uri, "postgres": _without_password(cluster.postgres.uri), "mlflow": tracking,

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import json
 import shlex
-import time
 
 import click
-from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from rich.console import Console
 from rich.table import Table
 
-from infra.kafka_security import SecurityError
+from infra.kafka_security import wait_for_login, wait_until_refused
 from sop.settings import Settings, SettingsError, load_settings
 
 
@@ -35,40 +33,14 @@ def _admin(settings: Settings) -> AdminClient:
     return AdminClient({"bootstrap.servers": settings.bootstrap(), **settings.kafka_client_config})
 
 
-def wait_for_login(bootstrap: str, client_config: dict[str, str], *, timeout_s: float = 30.0) -> None:
-    """Block until ``client_config`` authenticates (a new SCRAM credential reaches every broker shortly after the
-    controller accepted it)."""
-    deadline = time.monotonic() + timeout_s
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0, **client_config})
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            admin.list_topics(timeout=3)
-            return
-        except KafkaException as exc:
-            last = exc
-            time.sleep(0.3)
-    raise SecurityError(f"the new credentials of {client_config.get('sasl.username')} were not accepted within "
-                        f"{timeout_s:.0f}s: {last}")
-
-
-def wait_until_refused(bootstrap: str, client_config: dict[str, str], *, timeout_s: float = 30.0) -> None:
-    """Block until ``client_config`` no longer authenticates."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0, **client_config})
-        try:
-            admin.list_topics(timeout=3)
-        except KafkaException:
-            return
-        time.sleep(0.3)
-    raise SecurityError(f"{client_config.get('sasl.username')} still authenticates {timeout_s:.0f}s after its revocation")
+def inputs(settings: Settings) -> list[str]:
+    return [settings.topics[k] for k in ("Step", "EpisodeEvent", "InterventionEvent")]
 
 
 def add_robot(settings: Settings, name: str, actors: tuple[str, ...] = ()):  # noqa: ANN201 - RobotCredentials
     """Create (or renew) robot ``name`` and wait until its credentials work."""
     creds = settings.security.add_robot(_admin(settings), name, topics=settings.topics, actors=actors)
-    wait_for_login(settings.bootstrap(), creds.client_config)
+    wait_for_login(settings.bootstrap(), creds.client_config, topics=inputs(settings))
     return creds
 
 
@@ -86,7 +58,7 @@ def add(name: str, actors: tuple[str, ...]) -> None:
     settings = load_settings()
     creds = add_robot(settings, name, actors)
     console = Console(stderr=True)
-    console.print(f"[green]robot[/] {name}: may write {', '.join(settings.topics[k] for k in ('Step', 'EpisodeEvent', 'InterventionEvent'))}"
+    console.print(f"[green]robot[/] {name}: may write {', '.join(inputs(settings))}"
                   f" as actors {list(settings.security.keyring()[name]['actors'])}")
     console.print("settings for the robot's machine (copy the two files and the CA there):")
     click.echo(f"export SOP_KAFKA_SECURITY={settings.kafka_security}")

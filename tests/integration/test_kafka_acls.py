@@ -200,4 +200,4 @@ def _dead_letters(secure: SecureStack, *, expected: int, timeout_s: float = 60) 
                 out.append(parse_headers(m.headers()))
     finally:
         c.close()
-    return sorted(out, key=lambda h: (h["sop.origin.partition"], int(h["sop.origin.offset"])))
+    return sorted(out, key=lambda h: (h.get("sop.origin.partition", ""), int(h.get("sop.origin.offset", -1))))

@@ -1,0 +1,57 @@
+"""The loop with Kafka security on: `sop run` on a fresh run directory with SOP_KAFKA_SECURITY=scram-tls — the actor
+is its own robot principal and signs its events, the processor verifies them, nothing is dead-lettered."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+from confluent_kafka import Consumer, TopicPartition
+
+from lakehouse import Lakehouse, query
+
+
+def _read_all(bootstrap: str, config: dict, topic: str) -> list:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"sop-tools-{uuid.uuid4().hex[:6]}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False, **config})
+    parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+    ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+    c.assign([TopicPartition(topic, p, 0) for p in parts])
+    out: list = []
+    while sum(ends.values()) > len(out):
+        m = c.poll(5)
+        assert m is not None, f"{topic}: {len(out)} of {sum(ends.values())} read"
+        if m.error() is None:
+            out.append(m)
+    c.close()
+    return out
+
+
+def test_sop_run_with_security_on_stores_signed_episodes_and_dead_letters_nothing(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SOP_") or k in ("SOP_JAR_CACHE", "SOP_TOOL_CACHE")}
+    env.update({"SOP_RUN_DIR": str(run_dir), "SOP_KAFKA_PORT": "0", "SOP_KAFKA_SECURITY": "scram-tls",
+                "SOP_PRETRAIN_STEPS": "20", "SOP_ACTOR_IMAGE_SIZE": "48", "SOP_TOPIC_PARTITIONS": "2",
+                "SOP_KAFKA_HEAP_MB": "384", "COLUMNS": "200"})
+    try:
+        out = subprocess.run([sys.executable, "-m", "sop", "run", "--actors", "1", "--minutes", "0.5",
+                              "--demos-per-task", "2", "--tasks", "reach-v3", "--no-learn", "--keep-stack"],
+                             env=env, capture_output=True, text=True, timeout=420)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "robots actor-00" in out.stdout, out.stdout[-3000:]
+        lake = Lakehouse(str(run_dir / "lake"))
+        episodes = query(lake, "SELECT actor_id, count(*) AS n FROM episodes GROUP BY actor_id").to_pylist()
+        assert [r["actor_id"] for r in episodes] == ["actor-00"] and episodes[0]["n"] > 0, episodes
+
+        bootstrap = json.loads((run_dir / "kafka" / "broker.json").read_text())["bootstrap"]
+        tools = json.loads((run_dir / "security" / "clients" / "sop-tools.json").read_text())
+        assert _read_all(bootstrap, tools, "sop.deadletter") == []
+        steps = _read_all(bootstrap, tools, "sop.steps")
+        assert steps and {dict(m.headers())["sop.principal"] for m in steps} == {b"actor-00"}
+        stored = query(lake, "SELECT count(*) AS n FROM steps").to_pylist()[0]["n"]
+        assert stored == query(lake, "SELECT sum(num_steps) FROM episodes").column(0)[0].as_py() > 0
+    finally:
+        subprocess.run([sys.executable, "-m", "sop", "down"], env=env, capture_output=True, timeout=120)
