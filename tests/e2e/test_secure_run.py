@@ -1,5 +1,7 @@
-"""The loop with Kafka security on: `sop run` on a fresh run directory with SOP_KAFKA_SECURITY=scram-tls — the actor
-is its own robot principal and signs its events, the processor verifies them, nothing is dead-lettered."""
+"""The loop with both security switches on (what `sop up --secure` sets): `sop run` on a fresh run directory with
+SOP_KAFKA_SECURITY=scram-tls and SOP_SECURITY=true — the actor is its own robot principal and signs its events, the
+processor verifies them, nothing is dead-lettered; the base policy goes through the authenticated registry (the
+pretraining registers it as the learner's user, the actor loads it as the actor's)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 
+import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from lakehouse import Lakehouse, query
@@ -43,6 +48,7 @@ def test_sop_run_with_security_on_stores_signed_episodes_and_dead_letters_nothin
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOP_") or k in ("SOP_JAR_CACHE", "SOP_TOOL_CACHE")}
     env.update({"SOP_RUN_DIR": str(run_dir), "SOP_KAFKA_PORT": "0", "SOP_KAFKA_SECURITY": "scram-tls",
+                "SOP_SECURITY": "true",
                 "SOP_PRETRAIN_STEPS": "20", "SOP_ACTOR_IMAGE_SIZE": "48", "SOP_TOPIC_PARTITIONS": "2",
                 "SOP_KAFKA_HEAP_MB": "384", "COLUMNS": "200"})
     log = open(tmp_path / "sop-run.log", "w")  # noqa: SIM115 - closed in finally
@@ -60,6 +66,14 @@ def test_sop_run_with_security_on_stores_signed_episodes_and_dead_letters_nothin
         assert "robots actor-00" in (tmp_path / "sop-run.log").read_text()
         episodes = query(lake, "SELECT actor_id, count(*) AS n FROM episodes GROUP BY actor_id").to_pylist()
         assert [r["actor_id"] for r in episodes] == ["actor-00"] and episodes[0]["n"] > 0, episodes
+        # the actor acted with the pretrained version it loaded from the authenticated registry
+        versions = query(lake, "SELECT DISTINCT policy_version FROM episodes").to_pylist()
+        assert versions == [{"policy_version": 1}], versions
+        port = json.loads((run_dir / "mlflow-server" / "port.json").read_text())["port"]
+        with pytest.raises(urllib.error.HTTPError) as refused:  # no credentials: the registry refuses
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/registered-models/get?name=sop-policy",
+                                   timeout=10)
+        assert refused.value.code == 401
 
         bootstrap = json.loads((run_dir / "kafka" / "broker.json").read_text())["bootstrap"]
         tools = json.loads((run_dir / "security" / "clients" / "sop-tools.json").read_text())
