@@ -70,6 +70,7 @@ class Inbound:
     key: bytes | None = None
     timestamp_ms: int | None = None
     handle: Any = None
+    headers: Any = None  # the Kafka headers (pairs or a mapping): the producer's signature when security is on
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +99,9 @@ class Outbox:
 
 # A validator beyond the codec's own rules: (record name, record, Kafka key, now in µs) -> None, or raise Rejected.
 Validator = Callable[[str, dict, "bytes | None", int], None]
+# Who produced the event (Kafka security on): (record name, record, topic, the event) -> None, or raise Rejected
+# (consumers.validation.check_identity behind the processor's keyring).
+Authenticator = Callable[[str, dict, str, Inbound], None]
 class Committed(Protocol):
     """What this consumer group already stored in Delta (the writers' committed state)."""
 
@@ -233,12 +237,13 @@ class EpisodeMachine:
 
     def __init__(self, config: MachineConfig, *, meta: MutableMapping[bytes, dict],
                  chunks: MutableMapping[bytes, bytes], committed: Committed | None = None,
-                 validator: Validator | None = None) -> None:
+                 validator: Validator | None = None, authenticator: Authenticator | None = None) -> None:
         self.config = config
         self.meta = meta
         self.chunks = chunks
         self.stored = committed or NothingCommitted()
         self.validator = validator
+        self.authenticator = authenticator
         self.counts: Counter[str] = Counter()
         self.deadletters: Counter[str] = Counter()  # by reason
         self.outbox = Outbox()
@@ -321,6 +326,8 @@ class EpisodeMachine:
                 raise Rejected(Reason.WRONG_TOPIC, f"a {name} record on the {msg.kind} topic")
             if self.validator is not None:
                 self.validator(name, record, msg.key, int(now_s * 1e6))
+            if self.authenticator is not None:
+                self.authenticator(name, record, self.config.topics[msg.kind], msg)
         except (codec.DecodeError, Rejected) as exc:
             self._dead_letter(msg, reason_of(exc), str(exc))
             if isinstance(exc, codec.UnknownSchemaError) and msg.kind == Kind.STEP and msg.key:

@@ -40,6 +40,7 @@ from consumers import commit_guard
 from consumers.assembly import RewardConfig, RunningBaseline
 from consumers.deadletter import deadletter_headers
 from consumers.machine import (
+    Authenticator,
     Batch,
     DeadLetter,
     EpisodeMachine,
@@ -95,6 +96,7 @@ class ProcessorConfig:
     metrics_file: Path | None = None
     session_timeout_s: float = 10.0
     validator: Validator | None = None  # edge validation beyond the codec (task contracts, clock skew, keys)
+    authenticator: Authenticator | None = None  # Kafka security on: the producing robot's identity (signatures)
     # replay: topic -> partition -> first offset NOT to process (events from there on are skipped)
     stop_offsets: dict[str, dict[int, int]] | None = None
 
@@ -216,7 +218,7 @@ class Shell:
         }
         self.writers_lock = threading.Lock()
         self.machine = EpisodeMachine(config.machine_config(), meta=meta, chunks=chunks, validator=config.validator,
-                                      committed=_WritersState(self))
+                                      authenticator=config.authenticator, committed=_WritersState(self))
         self.baseline = RunningBaseline(buckets=config.reward.baseline_buckets,
                                         max_episode_length=config.reward.max_episode_length)
         self.values = RegistryValueSource(tracking_uri=config.tracking_uri, name=config.value_model_name,
@@ -435,7 +437,7 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Shell]:
                 shell.metrics.events_in[msg.topic] += 1
                 inbound = Inbound(kind=kind, partition=msg.partition, offset=msg.offset, value=msg.value,
                                   key=msg.key, timestamp_ms=int(msg.timestamp * 1000) if msg.timestamp else None,
-                                  handle=(event, generation[0]))
+                                  handle=(event, generation[0]), headers=msg.headers)
                 try:
                     method(inbound, now_s=time.time())
                 except Exception as exc:  # noqa: BLE001 - an unexpected error dead-letters this event only

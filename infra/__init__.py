@@ -11,6 +11,8 @@ KRaft quorum), :class:`infra.objectstore.LocalObjectStore` (SeaweedFS S3, built 
 artifacts proxied to the bucket); :mod:`infra.kafka_client` maps the librdkafka-style client config onto aiokafka.
 :mod:`infra.metrics` serves a process's own Prometheus registry over HTTP, announces it in the run directory and
 reads endpoints back (`sop status`); the metric families themselves belong to the stage that counts them.
+:mod:`infra.kafka_security` owns the secured mode (``SOP_KAFKA_SECURITY=scram-tls``): the local CA and the brokers'
+certificate, SCRAM principals, the ACLs of each role, the robots' signing keys (docs/security.md).
 
     broker = LocalKafka(KafkaBrokerConfig(data_dir=run_dir / "kafka"))
     bootstrap = broker.start()             # formats storage if needed, waits until it answers

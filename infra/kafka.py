@@ -105,8 +105,17 @@ class KafkaBrokerConfig:
     # a PLAINTEXT listener beside it on loopback for the brokers themselves and for readiness checks.
     client_protocol: str = "PLAINTEXT"
     extra_properties: dict[str, str] = field(default_factory=dict)
+    # The brokers' own listeners (inter-broker INTERNAL, KRaft CONTROLLER): PLAINTEXT on loopback, or SSL with
+    # client certificates (``extra_properties`` say how; infra.kafka_security). ``internal_client_config`` is what
+    # the readiness checks (and the set-up's admin calls) present on the INTERNAL listener.
+    internal_protocol: str = "PLAINTEXT"
+    controller_protocol: str = "PLAINTEXT"
+    internal_client_config: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for what in ("internal_protocol", "controller_protocol"):
+            if getattr(self, what) not in ("PLAINTEXT", "SSL"):
+                raise StackError(f"{what} must be PLAINTEXT or SSL, got {getattr(self, what)!r}")
         if not (0 <= self.port < 65536 and 0 <= self.controller_port < 65536):
             raise StackError(f"Kafka ports must be in 0..65535, got {self.port}/{self.controller_port}")
         if self.heap_mb < 128:
@@ -165,7 +174,8 @@ class LocalKafka:
     def start(self) -> str:
         """Start the broker unless it already runs; return its bootstrap address once it answers."""
         if (st := self.state()) is not None:
-            wait_until_ready(st.get("ready", st["bootstrap"]), timeout_s=self.config.start_timeout_s)
+            wait_until_ready(st.get("ready", st["bootstrap"]), timeout_s=self.config.start_timeout_s,
+                             client_config=self._ready_config(st))
             return st["bootstrap"]
         bootstrap = self.launch()
         self.wait_ready()
@@ -212,10 +222,21 @@ class LocalKafka:
             raise StackError(f"Kafka node {self.config.node_id} is not running:\n{tail}")
         try:
             wait_until_ready(st.get("ready", st["bootstrap"]), timeout_s=self.config.start_timeout_s, proc=self._proc,
-                             log_file=self.log_file, min_brokers=min_brokers)
+                             log_file=self.log_file, min_brokers=min_brokers, client_config=self._ready_config(st))
         except StackError:
             self.stop()
             raise
+
+    def _ready_config(self, state: dict) -> dict[str, str]:
+        """Client settings for the readiness address: the INTERNAL listener's when there is one."""
+        return self.config.internal_client_config if "ready" in state and state["ready"] != state["bootstrap"] else {}
+
+    @property
+    def internal_address(self) -> str | None:
+        """host:port of the INTERNAL listener (a secured client listener only), where the set-up talks to the
+        broker as the broker itself (``internal_client_config``)."""
+        st = self.state()
+        return st.get("ready") if st and st.get("ready") != st.get("bootstrap") else None
 
     def _ports(self) -> dict[str, int]:
         """The ports of this node: those of its first start (kept in ports.json, so that restarts and the other
@@ -289,8 +310,8 @@ def _server_properties(cfg: KafkaBrokerConfig, ports: dict[str, int], log_dir: P
         internal = ports["internal_port"]
         listeners = [f"listeners=CLIENT://{host}:{port},INTERNAL://{host}:{internal},CONTROLLER://{host}:{cport}",
                      f"advertised.listeners=CLIENT://{host}:{port},INTERNAL://{host}:{internal}",
-                     f"listener.security.protocol.map=CLIENT:{cfg.client_protocol},INTERNAL:PLAINTEXT,"
-                     "CONTROLLER:PLAINTEXT",
+                     f"listener.security.protocol.map=CLIENT:{cfg.client_protocol},INTERNAL:{cfg.internal_protocol},"
+                     f"CONTROLLER:{cfg.controller_protocol}",
                      "inter.broker.listener.name=INTERNAL"]
     rf, isr = cfg.replication_factor, cfg.min_insync_replicas
     lines = [
@@ -335,6 +356,12 @@ class KafkaClusterConfig:
     max_message_bytes: int = 8 * 1024 * 1024
     min_insync_replicas: int = 2
     start_timeout_s: float = 180.0
+    # every node's listeners (see KafkaBrokerConfig): security settings shared by the whole cluster
+    client_protocol: str = "PLAINTEXT"
+    internal_protocol: str = "PLAINTEXT"
+    controller_protocol: str = "PLAINTEXT"
+    extra_properties: dict[str, str] = field(default_factory=dict)
+    internal_client_config: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -379,7 +406,9 @@ class KafkaCluster:
             controller_port=ports["controller_port"], jar_cache=cfg.jar_cache, heap_mb=cfg.heap_mb,
             max_message_bytes=cfg.max_message_bytes, start_timeout_s=cfg.start_timeout_s, node_id=node_id,
             voters=voters, cluster_id=layout["cluster_id"], replication_factor=cfg.nodes,
-            min_insync_replicas=cfg.min_insync_replicas))
+            min_insync_replicas=cfg.min_insync_replicas, client_protocol=cfg.client_protocol,
+            internal_protocol=cfg.internal_protocol, controller_protocol=cfg.controller_protocol,
+            extra_properties=cfg.extra_properties, internal_client_config=cfg.internal_client_config))
 
     @property
     def node_ids(self) -> list[int]:

@@ -5,6 +5,10 @@
     publisher.flush()                                         # returns how many are still undelivered
     publisher.stats                                           # produced / delivered / failed counts
 
+With ``PublisherConfig(signer=Signer(principal, key))`` (Kafka security on: the robot's identity of
+`sop robot add`) every event carries the robot's signature headers (:mod:`schemas.identity`), which the
+processor verifies before it believes the event's ``actor_id``.
+
 Every message ends in exactly one of two counters: ``delivered`` (acknowledged by all in-sync
 replicas) or ``failed`` (reported through ``on_failure`` and kept in ``failures``), never neither.
 
@@ -54,6 +58,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from producers.spool import Spool, SpoolConfig, SpoolError, SpoolFullError
 from schemas import codec
+from schemas.identity import Signer
 
 __all__ = [
     "BackpressureTimeout", "DeliveryFailedError", "EventPublisher", "Failure", "PublishError", "PublisherConfig",
@@ -157,6 +162,8 @@ class PublisherConfig:
     max_message_bytes: int = 8 * 1024 * 1024
     max_block_s: float = 300.0
     client_id: str = "sop-publisher"
+    # Kafka security on: the robot's identity; every event carries its signature headers (schemas.identity)
+    signer: Signer | None = None
 
     def __post_init__(self) -> None:
         if not self.bootstrap:
@@ -261,7 +268,9 @@ class EventPublisher:
     def publish(self, record_name: str, record: dict, *, key: str) -> None:
         """Encode and queue one record on its topic; blocks while the local queue is full."""
         topic = self.config.topics[record_name]
-        self.publish_raw(topic, codec.encode(record_name, record), key=key)
+        value = codec.encode(record_name, record)
+        signer = self.config.signer
+        self.publish_raw(topic, value, key=key, headers=signer.headers(topic, key=key, value=value) if signer else None)
 
     def publish_raw(self, topic: str, value: bytes, *, key: str | None, headers: list | None = None) -> None:
         """Queue already-encoded bytes (replay, dead letters, benchmarks)."""

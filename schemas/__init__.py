@@ -4,7 +4,9 @@ Owns the Avro schemas (``avsc/*.avsc``: ``Step``, ``EpisodeEvent``, ``Interventi
 released version kept under ``avsc/history/vN/``) and :mod:`schemas.codec`, the only code that
 encodes or decodes Avro. Messages use Avro single-object encoding (``C3 01`` marker, 8-byte
 little-endian CRC-64-AVRO fingerprint of the writer schema, binary payload); a decoder finds the
-writer schema by its fingerprint and reads with the current reader schema.
+writer schema by its fingerprint and reads with the current reader schema. :mod:`schemas.identity` is the
+other half of a message with Kafka security on: the robot's signature headers (``sop.principal``,
+``sop.signature``) over the encoded bytes.
 
     from schemas import codec
     data = codec.encode("Step", step)          # bytes for Kafka

@@ -16,7 +16,7 @@ from sop.settings import SettingsError
 # verb -> module in sop.commands (each defines a click command called `command`)
 VERBS = {
     # stack
-    "up": "up", "down": "down", "status": "status", "kafka": "kafka",
+    "up": "up", "down": "down", "status": "status", "kafka": "kafka", "robot": "robot",
     # robots
     "loadgen": "loadgen", "actor": "actor", "fleet": "fleet", "demos": "demos",
     # stream processing and lakehouse

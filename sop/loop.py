@@ -109,10 +109,20 @@ class ClosedLoop:
         self.site_env: dict[str, str] = {}  # under the cluster profile: every endpoint, explicitly, for the children
 
     # -- steps -----------------------------------------------------------------------------------
-    def _child(self, name: str, args: list[str], *, settings: dict | None = None) -> SopProcess:
-        env = {"SOP_RUN_DIR": str(self.settings.run_path), **self.site_env, **self._registry_role(name),
-               **self._lake_role(name), **self.config.extra_env}
+    def _child(self, name: str, args: list[str], *, settings: dict | None = None,
+               principal: str | None = None) -> SopProcess:
+        """``sop <args>`` as a child in its own session: with its Kafka principal (Kafka security on), its registry
+        user (SOP_SECURITY), its object-store keys (cluster profile); ``config.extra_env`` last."""
+        env = {"SOP_RUN_DIR": str(self.settings.run_path), **self.site_env, **self._kafka_principal(principal),
+               **self._registry_role(name), **self._lake_role(name), **self.config.extra_env}
         return SopProcess(args, env=env, settings=settings, log=self.logs / f"{name}.log", own_session=True)
+
+    def _kafka_principal(self, principal: str | None) -> dict[str, str]:
+        """With Kafka security on: each part authenticates as its own principal (docs/security.md); a child that
+        names none (learner, pretraining, demos) gets the read-only ``sop-tools``."""
+        if not self.settings.kafka_secure:
+            return {}
+        return {"SOP_KAFKA_SECURITY": self.settings.kafka_security, "SOP_KAFKA_PRINCIPAL": principal or "sop-tools"}
 
     def _lake_role(self, name: str) -> dict[str, str]:
         """Under the cluster profile: the processor gets the object store's write keys, the learner read-only ones,
@@ -127,13 +137,15 @@ class ClosedLoop:
         return {"SOP_LAKE_STORAGE_OPTIONS": json.dumps(options)} if options else {}
 
     def _registry_role(self, name: str) -> dict[str, str]:
-        """With security: each child runs as its role's registry user (none for children that need no registry)."""
+        """With security: each child runs as its role's registry user (none for children that need no registry), with
+        SOP_SECURITY set whichever way this process got it (its registry is then the server, not the SQLite file)."""
         if not self.settings.security:
             return {}
         role = next((r for prefix, r in (("processor", "processor"), ("learner", "learner"), ("pretrain", "learner"),
                                          ("actor", "actor")) if name.startswith(prefix)), None)
-        return stack.role_env(self.settings, role) if role else {"MLFLOW_TRACKING_USERNAME": "",
+        creds = stack.role_env(self.settings, role) if role else {"MLFLOW_TRACKING_USERNAME": "",
                                                                   "MLFLOW_TRACKING_PASSWORD": ""}
+        return {"SOP_SECURITY": "true", **creds}
 
     def _run_to_end(self, name: str, args: list[str]) -> None:
         """Run ``sop <args>`` to its end, drawing the bars it writes to its progress file (``--progress-file``)."""
@@ -165,6 +177,13 @@ class ClosedLoop:
                 self.console.print(f"[green]{part}[/] {where}")
         else:
             self.console.print(f"[green]stack[/] kafka {info.bootstrap} · mlflow {info.tracking_uri}")
+        if self.settings.kafka_secure:
+            from sop.commands.robot import add_robot
+
+            with self.console.status(f"adding {self.config.actors} robot principals…"):
+                for aid in self.actor_ids:
+                    add_robot(self.settings, aid)
+            self.console.print(f"[green]security[/] SASL/SCRAM over TLS, ACLs; robots {', '.join(self.actor_ids)}")
         tasks = ["--tasks", ",".join(self.config.tasks)] if self.config.tasks else []
         if _demo_rows(self.settings) == 0 and self.config.demos_per_task is not None:
             self._run_to_end("demos", ["demos", "--episodes-per-task", str(self.config.demos_per_task),
@@ -200,18 +219,22 @@ class ClosedLoop:
                             "learner": (load_learner_settings().learn_metrics_port, 1),
                             "actor": (load_actor_settings().actor_metrics_port, cfg.actors)})
         for name, port in zip(self.processor_names, ports["processor"], strict=True):
-            self.children[name] = self._child(name, ["process"], settings={"processor_metrics_port": port}).start()
+            self.children[name] = self._child(name, ["process"], settings={"processor_metrics_port": port},
+                                              principal="sop-processor").start()
         if cfg.learn_online:
             self.children["learner"] = self._child("learner", [
                 "learn", "--algorithm", cfg.algorithm, "--sampler", cfg.sampler, "--quiet", *cfg.learn_args]).start()
         tasks = ["--tasks", ",".join(cfg.tasks)] if cfg.tasks else []
-        for i in range(cfg.actors):
-            aid = f"actor-{i:02d}"
+        for i, aid in enumerate(self.actor_ids):
             self.children[aid] = self._child(aid, [
                 "actor", "--actor-id", aid, "--hz", str(cfg.hz), "--seed-start", str(10_000 + i),
                 "--seed-stride", str(cfg.actors), "--operator" if cfg.operator else "--no-operator",
                 "--no-status", "--status-file", str(self.settings.run_path / "actors" / f"{aid}.json"),
-                *tasks, *cfg.actor_args], settings={"actor_metrics_port": ports["actor"][i]}).start()
+                *tasks, *cfg.actor_args], settings={"actor_metrics_port": ports["actor"][i]}, principal=aid).start()
+
+    @property
+    def actor_ids(self) -> list[str]:
+        return [f"actor-{i:02d}" for i in range(self.config.actors)]
 
     @property
     def processor_names(self) -> list[str]:

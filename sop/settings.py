@@ -4,6 +4,13 @@ Every field maps to an environment variable: ``run_dir`` ← ``SOP_RUN_DIR``, ``
 ``SOP_KAFKA_BOOTSTRAP``, and so on. Dict fields take JSON (``SOP_KAFKA_CLIENT_CONFIG='{"security.protocol":
 "SASL_SSL"}'``). A bad value stops the command at start with a message naming the variable to fix.
 
+Kafka security (``SOP_KAFKA_SECURITY=scram-tls`` or `sop up --secure`): the local stack's brokers take only
+SASL/SCRAM-SHA-512 over TLS, with ACLs; each process authenticates as one principal (``SOP_KAFKA_PRINCIPAL``:
+``sop-admin``, ``sop-processor``, ``sop-tools`` or a robot of `sop robot add`), whose client settings file under
+``<run_dir>/security/clients`` fills in ``kafka_client_config`` unless that is set explicitly (JSON text or the
+path of a JSON file); a robot's signing identity fills in ``publish_identity_file`` (docs/security.md). The
+registry's roles are the other switch, ``SOP_SECURITY`` (``security``); `sop up --secure` turns on both.
+
 Profiles (``SOP_PROFILE`` or ``--profile`` of `sop up/run/down/status`): ``embedded`` (one broker, SQLite MLflow,
 the lake on local disk) or ``cluster`` (three brokers, an S3 server, MLflow on PostgreSQL; see docs/deploy.md).
 Under ``cluster`` the endpoints `sop up --profile cluster` started fill in ``kafka_bootstrap``,
@@ -18,10 +25,11 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from infra.kafka import DEFAULT_KAFKA_VERSION, TopicSpec, topic_names
 from infra.kafka_client import check_client_config
+from infra.kafka_security import ADMIN, LocalSecurity
 
 PROFILES = ("embedded", "cluster")
 
@@ -70,7 +78,14 @@ class Settings(BaseSettings):
 
     # Kafka
     kafka_bootstrap: str | None = Field(None, description="External Kafka bootstrap servers; unset = the local broker of `sop up`.")
-    kafka_client_config: dict[str, str] = Field(default_factory=dict, description="Extra librdkafka settings (SASL/TLS …), JSON.")
+    kafka_client_config: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict, description=(
+        "Extra librdkafka settings (SASL/TLS …): JSON text, or the path of a JSON file (what `sop robot add` writes)."))
+    kafka_security: Literal["off", "scram-tls"] = Field("off", description=(
+        "off, or scram-tls: the local stack's brokers take only SASL/SCRAM-SHA-512 over TLS, with ACLs, and the "
+        "processor dead-letters events whose signature does not prove their actor (docs/security.md)."))
+    kafka_principal: str | None = Field(None, description=(
+        "With security on: the principal whose client settings file (<run_dir>/security/clients/) this process uses; "
+        "unset = sop-processor for `sop process`, sop-admin otherwise."))
     kafka_version: str = DEFAULT_KAFKA_VERSION
     kafka_port: int = Field(9092, ge=0, lt=65536, description="Port of the local broker (0 = any free port).")
     kafka_heap_mb: int = Field(768, ge=128)
@@ -93,11 +108,15 @@ class Settings(BaseSettings):
     publish_queue_max_messages: int = Field(100_000, ge=100)
     publish_queue_max_kbytes: int = Field(256 * 1024, ge=1024)
     publish_delivery_timeout_ms: int = Field(120_000, ge=1000)
+    publish_identity_file: Path | None = Field(None, description=(
+        "A robot's signing identity (`sop robot add` writes it): every event it publishes carries its signature; "
+        "unset = the identity of SOP_KAFKA_PRINCIPAL when security is on and it has one."))
 
     # Security
     security: bool = Field(False, description=(
         "Authenticated registry with roles (MLflow basic-auth: the learner registers and moves aliases, actors and "
-        "the processor only read) on both profiles; credentials come from MLFLOW_TRACKING_USERNAME/PASSWORD."))
+        "the processor only read) on both profiles; credentials come from MLFLOW_TRACKING_USERNAME/PASSWORD. Kafka's "
+        "own switch is kafka_security; `sop up --secure` turns on both (docs/security.md)."))
 
     # Registry
     mlflow_tracking_uri: str | None = Field(None, description=(
@@ -130,6 +149,9 @@ class Settings(BaseSettings):
     processor_unknown_tasks: Literal["accept", "reject"] = Field(
         "accept", description="Events of a task without a contract: accept with the generic checks, or reject.")
     processor_full_image_decode: bool = Field(False, description="Also fully decode every image (slow; off = structure only).")
+    processor_robot_keyring: Path | None = Field(None, description=(
+        "With security on: the robots' signing keys and actor ids (robots.json of `sop robot add`); "
+        "unset = <run_dir>/security/robots.json."))
     processor_max_steps: int = Field(10_000, ge=1, description="Largest episode length / step index an event may carry.")
     processor_clock_skew_future_s: float = Field(60.0, ge=0, description="How far ahead of the processor's clock an event may be.")
     processor_clock_skew_past_s: float = Field(
@@ -144,10 +166,38 @@ class Settings(BaseSettings):
     lake_uri: str | None = Field(None, description="Root of the Delta tables (path or s3://…); unset = run_dir/lake.")
     lake_storage_options: dict[str, str] = Field(default_factory=dict)
 
+    @field_validator("kafka_client_config", mode="before")
+    @classmethod
+    def _client_config_text(cls, v: object) -> object:
+        """JSON text, or the path of a JSON file holding it (a file keeps the password out of the environment)."""
+        if not isinstance(v, str):
+            return v
+        text = v.strip()
+        if not text:
+            return {}
+        if not text.startswith("{"):
+            try:
+                text = Path(text).expanduser().read_text()
+            except OSError as exc:
+                raise ValueError(f"neither JSON text (starting with {{) nor a readable file: {exc}") from None
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON: {exc}") from None
+
     @field_validator("kafka_client_config")
     @classmethod
     def _client_config(cls, v: dict[str, str]) -> dict[str, str]:
         check_client_config(v)  # every client (confluent-kafka and faust's aiokafka) must honour every key
+        return v
+
+    @field_validator("publish_identity_file")
+    @classmethod
+    def _identity_file(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            from schemas.identity import load_signer
+
+            load_signer(v)  # unreadable or malformed: stop at start, naming the file
         return v
 
     @model_validator(mode="after")
@@ -218,6 +268,22 @@ class Settings(BaseSettings):
         return [TopicSpec(name=name, partitions=self.topic_partitions, replication_factor=self.replication_factor,
                           min_insync_replicas=self.min_insync_replicas, retention_ms=self.retention_ms,
                           max_message_bytes=self.max_message_bytes) for name in self.topics.values()]
+
+    @property
+    def kafka_auth(self) -> LocalSecurity:
+        """The local stack's Kafka security material (CA, certificates, principals' client files, keyring); apart
+        from ``security`` (SOP_SECURITY: the registry's and object store's roles), whose files are under
+        ``security/registry``."""
+        return LocalSecurity(self.run_path / "security")
+
+    @property
+    def kafka_secure(self) -> bool:
+        """Kafka security on (SOP_KAFKA_SECURITY other than off)."""
+        return self.kafka_security != "off"
+
+    @property
+    def robot_keyring(self) -> Path:
+        return self.processor_robot_keyring or self.kafka_auth.keyring_file
 
     @property
     def cluster_dir(self) -> Path:
@@ -307,19 +373,47 @@ def site_environment(settings: Settings) -> dict[str, str]:
         env["SOP_TOPIC_MIN_INSYNC_REPLICAS"] = str(settings.min_insync_replicas)
     if settings.lake_storage_options:
         env["SOP_LAKE_STORAGE_OPTIONS"] = json.dumps(settings.lake_storage_options)
-    if settings.kafka_client_config:
+    if settings.kafka_secure:  # each process then takes its own principal's client settings (SOP_KAFKA_PRINCIPAL)
+        env["SOP_KAFKA_SECURITY"] = settings.kafka_security
+    elif settings.kafka_client_config:
         env["SOP_KAFKA_CLIENT_CONFIG"] = json.dumps(settings.kafka_client_config)
     if settings.security:
         env["SOP_SECURITY"] = "true"
     return env
 
 
-def load_settings(**overrides: object) -> Settings:
+def resolve_security(settings: Settings, *, default_principal: str = ADMIN) -> Settings:
+    """With security on: the client settings (and, for a robot, the signing identity) of the process's principal
+    from the local stack's security directory, for each of those settings not set explicitly. The admin's file
+    may be missing (`sop up` writes it); any other principal's must exist."""
+    if not settings.kafka_secure:
+        return settings
+    principal = settings.kafka_principal or default_principal
+    update: dict[str, object] = {}
+    if "kafka_client_config" not in settings.model_fields_set:
+        path = settings.kafka_auth.client_file(principal)
+        if path.exists():
+            update["kafka_client_config"] = Settings(kafka_client_config=str(path)).kafka_client_config
+        elif principal != ADMIN:
+            raise SettingsError(f"SOP_KAFKA_PRINCIPAL: no client settings for {principal!r} ({path} is missing): "
+                                f"run `sop up` (sop-* principals) or `sop robot add {principal}`, or set "
+                                "SOP_KAFKA_CLIENT_CONFIG")
+    if "publish_identity_file" not in settings.model_fields_set:
+        identity = settings.kafka_auth.identity_file(principal)
+        if identity.exists():
+            update["publish_identity_file"] = identity
+    return settings.model_copy(update=update) if update else settings
+
+
+def load_settings(*, default_principal: str = ADMIN, **overrides: object) -> Settings:
     """Read settings from the environment (and explicit overrides); raise :class:`SettingsError` on bad input.
-    ``profile=None`` is dropped (a command's ``--profile`` left unset: SOP_PROFILE or the default decides)."""
+    ``profile=None`` is dropped (a command's ``--profile`` left unset: SOP_PROFILE or the default decides).
+    ``default_principal``: whose Kafka client settings a command uses with security on, unless SOP_KAFKA_PRINCIPAL
+    says otherwise."""
     if overrides.get("profile", "") is None:
         overrides.pop("profile")
     try:
-        return resolve_profile(Settings(**overrides))  # type: ignore[arg-type]
+        return resolve_security(resolve_profile(Settings(**overrides)),  # type: ignore[arg-type]
+                                default_principal=default_principal)
     except ValidationError as exc:
         raise settings_error(exc) from None

@@ -77,10 +77,35 @@ def registry_up(settings: Settings) -> str:
     return tracking
 
 
+def _security(settings: Settings) -> dict:
+    """The broker fields that secure it (SOP_KAFKA_SECURITY=scram-tls), creating the material if missing."""
+    if not settings.kafka_secure:
+        return {}
+    settings.kafka_auth.ensure()
+    return settings.kafka_auth.broker_settings()
+
+
 def local_kafka(settings: Settings) -> LocalKafka:
     return LocalKafka(KafkaBrokerConfig(data_dir=settings.run_path / "kafka", version=settings.kafka_version,
                                         port=settings.kafka_port, heap_mb=settings.kafka_heap_mb,
-                                        max_message_bytes=settings.max_message_bytes))
+                                        max_message_bytes=settings.max_message_bytes, **_security(settings)))
+
+
+def provision_security(settings: Settings, internal: str) -> Settings:
+    """Security on: the services' SCRAM users, ACLs and client files, through the INTERNAL listener (as the brokers
+    themselves, mTLS); then wait until the admin's credentials work on the client listener. Returns the settings
+    with the admin's client config unless one was set explicitly."""
+    from confluent_kafka.admin import AdminClient
+
+    from infra.kafka_security import ADMIN
+
+    sec = settings.kafka_auth
+    admin = AdminClient({"bootstrap.servers": internal, **sec.internal_client_config()})
+    sec.provision_services(admin, topics=settings.topics, group=settings.processor_group,
+                           prefix=settings.topic_prefix)
+    if "kafka_client_config" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"kafka_client_config": sec.service_config(ADMIN)})
+    return settings
 
 
 def local_mlflow(settings: Settings) -> LocalMlflow:
@@ -113,7 +138,7 @@ def local_cluster(settings: Settings) -> Cluster:
         data_dir=root / "kafka", nodes=settings.cluster_kafka_nodes, version=settings.kafka_version,
         first_port=settings.kafka_port, heap_mb=settings.cluster_kafka_heap_mb,
         max_message_bytes=settings.max_message_bytes,
-        min_insync_replicas=min(2, settings.cluster_kafka_nodes)))
+        min_insync_replicas=min(2, settings.cluster_kafka_nodes), **_security(settings)))
     s3 = LocalObjectStore(ObjectStoreConfig(data_dir=root / "s3", role_bucket=settings.cluster_bucket))
     postgres = LocalPostgres(PostgresConfig(data_dir=root / "postgres"))
     # the database URI (its password) and the bucket's keys are known once those services were set up:
@@ -145,8 +170,14 @@ def up(settings: Settings, *, ui: bool = False) -> StackInfo:
         bootstrap = settings.kafka_bootstrap
         wait_until_ready(bootstrap, timeout_s=30, client_config=settings.kafka_client_config)
     else:
-        bootstrap = local_kafka(settings).start()
+        broker = local_kafka(settings)
+        bootstrap = broker.start()
+        if settings.kafka_secure:
+            settings = provision_security(settings, broker.internal_address or bootstrap)
+            wait_until_ready(bootstrap, timeout_s=30, client_config=settings.kafka_client_config)
     created = ensure_topics(bootstrap, settings.topic_specs(), client_config=settings.kafka_client_config)
+    if settings.kafka_secure and not settings.kafka_bootstrap:
+        _wait_for_grants(settings, bootstrap)
     if settings.security and not settings.mlflow_tracking_uri:
         tracking = registry_up(settings)
         resolved = resolve_profile(settings)
@@ -158,6 +189,14 @@ def up(settings: Settings, *, ui: bool = False) -> StackInfo:
     url = mlflow.serve_ui() if ui else None
     return StackInfo(bootstrap=bootstrap, external_kafka=bool(settings.kafka_bootstrap), topics_created=created,
                      tracking_uri=settings.tracking_uri, ui_url=url, settings=settings)
+
+
+def _wait_for_grants(settings: Settings, bootstrap: str) -> None:
+    """Until the processor's credentials and ACLs took effect on the brokers (it sees its topics): a processor
+    started at once would otherwise be refused."""
+    from infra.kafka_security import PROCESSOR, wait_for_login
+
+    wait_for_login(bootstrap, settings.kafka_auth.service_config(PROCESSOR), topics=settings.topics.values())
 
 
 def _cluster_up(settings: Settings) -> StackInfo:
@@ -183,7 +222,12 @@ def _cluster_up(settings: Settings) -> StackInfo:
     path.write_text(json.dumps(endpoints, indent=2))
     path.chmod(0o600)  # it holds the object store's keys
     resolved = resolve_profile(settings)
+    if settings.kafka_secure:
+        resolved = provision_security(resolved, cluster.kafka.node(1).internal_address or bootstrap)
+        wait_until_ready(bootstrap, timeout_s=30, client_config=resolved.kafka_client_config)
     created = ensure_topics(bootstrap, resolved.topic_specs(), client_config=resolved.kafka_client_config)
+    if settings.kafka_secure:
+        _wait_for_grants(resolved, bootstrap)
     if settings.security:
         _provision(settings, tracking)  # the experiments and models, by the admin; the role users and grants
     else:

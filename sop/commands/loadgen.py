@@ -8,6 +8,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from producers.loadgen import LoadGenConfig, run_loadgen
 from producers.publisher import EventPublisher, PublisherConfig
+from schemas.identity import load_signer
 from sop.settings import Settings, load_settings
 
 
@@ -17,6 +18,7 @@ def make_publisher(settings: Settings, **kw: object) -> EventPublisher:
         compression=settings.publish_compression, linger_ms=settings.publish_linger_ms,
         queue_max_messages=settings.publish_queue_max_messages, queue_max_kbytes=settings.publish_queue_max_kbytes,
         delivery_timeout_ms=settings.publish_delivery_timeout_ms, max_message_bytes=settings.max_message_bytes,
+        signer=load_signer(settings.publish_identity_file) if settings.publish_identity_file else None,
     ), **kw)  # type: ignore[arg-type]
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
+from pathlib import Path
 
 import click
 from confluent_kafka.admin import AdminClient
 
+from infra.kafka_security import PROCESSOR
 from sop.metrics import serve_metrics
 from sop.settings import Settings, load_settings
 
@@ -35,8 +38,18 @@ def processor_config(settings: Settings, **overrides: object):  # noqa: ANN201 -
     def validator(name: str, record: dict, key: bytes | None, now_us: int) -> None:
         validate_record(name, record, key=key, contracts=contracts, now_us=now_us, skew=skew)
 
+    authenticator = None
+    if settings.kafka_secure:  # who produced each event: the robot's signature (docs/security.md)
+        from consumers.validation import check_identity
+
+        keyring = Keyring(settings.robot_keyring)
+
+        def authenticator(name: str, record: dict, topic: str, msg) -> None:  # noqa: ANN001 - consumers.machine.Inbound
+            check_identity(record, topic=topic, key=msg.key, value=msg.value, headers=msg.headers,
+                           identities=keyring.robots())
+
     kwargs = dict(
-        validator=validator,
+        validator=validator, authenticator=authenticator,
         bootstrap=bootstrap, topics=settings.topics, partitions=next(iter(counts.values())),
         client_config=settings.kafka_client_config, replication_factor=settings.replication_factor,
         min_insync_replicas=settings.min_insync_replicas, control_retention_ms=settings.retention_ms,
@@ -59,6 +72,46 @@ def processor_config(settings: Settings, **overrides: object):  # noqa: ANN201 -
         raise click.ClickException(str(exc)) from None
 
 
+class Keyring:
+    """The robots' signing keys (robots.json of `sop robot add`), read again when the file changes (checked at most
+    once a second): a robot added while the processor runs is known at once, a revoked one is refused."""
+
+    def __init__(self, path: Path, *, every_s: float = 1.0) -> None:
+        self.path, self.every_s = path, every_s
+        self._robots: dict = {}
+        self._stamp: tuple[int, int] | None = None
+        self._checked = -1e9
+        if path.exists():  # a damaged keyring stops the processor at start (later: the last good one is kept)
+            from consumers.validation import parse_keyring
+
+            try:
+                parse_keyring(path.read_text(), source=str(path))
+            except ValueError as exc:
+                raise click.ClickException(str(exc)) from None
+        self.robots()
+
+    def robots(self) -> dict:
+        from consumers.validation import parse_keyring
+
+        now = time.monotonic()
+        if now - self._checked < self.every_s:
+            return self._robots
+        self._checked = now
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            self._robots, self._stamp = {}, None  # no robot added yet: every event is refused as unsigned/unknown
+            return self._robots
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            try:
+                self._robots = parse_keyring(self.path.read_text(), source=str(self.path))
+                self._stamp = stamp
+            except ValueError as exc:  # keep the last good keyring rather than refuse every robot
+                logging.getLogger("sop.processor").error("robot keyring not reloaded: %s", exc)
+        return self._robots
+
+
 @click.command("process")
 @click.option("--loglevel", default="warning", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--stop-offsets", "stop_offsets_file", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -66,11 +119,10 @@ def processor_config(settings: Settings, **overrides: object):  # noqa: ANN201 -
 def command(loglevel: str, stop_offsets_file: str | None) -> None:
     """Run the stream processor until Ctrl-C (several can run in one consumer group: one per partition at most)."""
     import json
-    from pathlib import Path
 
     from consumers.processor import build_app, run_worker
 
-    settings = load_settings()
+    settings = load_settings(default_principal=PROCESSOR)
     overrides = {}
     if stop_offsets_file:
         raw = json.loads(Path(stop_offsets_file).read_text())

@@ -18,10 +18,14 @@ from sop.stack import up
 @click.option("--ui", is_flag=True, help="Also serve the MLflow UI on loopback (SOP_MLFLOW_UI_PORT; the cluster "
                                          "profile's MLflow server is its UI).")
 @click.option("--print-env", is_flag=True, help="Print the SOP_ settings that point another machine at this stack.")
-def command(profile: str | None, ui: bool, print_env: bool) -> None:
+@click.option("--secure", is_flag=True, help="Both security switches: Kafka with SASL/SCRAM-SHA-512 over TLS and ACLs "
+                                             "(SOP_KAFKA_SECURITY=scram-tls) and the registry's basic-auth roles "
+                                             "(SOP_SECURITY=true); every other command then needs both too "
+                                             "(docs/security.md).")
+def command(profile: str | None, ui: bool, print_env: bool, secure: bool) -> None:
     """Start the local stack: the brokers, the topics, the MLflow registry (and, for the cluster profile, the S3
     server and PostgreSQL)."""
-    settings = load_settings(profile=profile)
+    settings = load_settings(profile=profile, **({"kafka_security": "scram-tls", "security": True} if secure else {}))
     console = Console()
     first = ("first run resolves the Kafka jars with Maven" if settings.profile == "embedded"
              else "3 brokers, S3 server, PostgreSQL, MLflow server; the first run builds SeaweedFS")
@@ -41,6 +45,12 @@ def command(profile: str | None, ui: bool, print_env: bool) -> None:
         console.print(f"[green]registry roles[/] basic-auth; users and passwords (0600): "
                       f"{settings.run_path / 'security' / 'registry' / 'registry-users.json'}; "
                       "`sop registry credentials --role learner` prints a role's MLFLOW_TRACKING_* exports")
+    if settings.kafka_secure:
+        console.print(f"[green]kafka security[/] SASL/SCRAM-SHA-512 over TLS, ACLs; CA {settings.kafka_auth.ca_file}; "
+                      f"principals' client settings in {settings.kafka_auth.client_file('x').parent} "
+                      "(`sop robot add NAME` for each robot)")
+    if secure:
+        console.print("[yellow]set SOP_KAFKA_SECURITY=scram-tls and SOP_SECURITY=true for every other command[/]")
     console.print(f"run directory: {settings.run_path}")
     if print_env and info.settings is not None:
         for name, value in site_environment(info.settings).items():

@@ -56,6 +56,7 @@ class Message:
     offset: int
     key: bytes
     value: bytes
+    headers: Any = None
 
 
 class LoggedStore(dict):
@@ -136,11 +137,13 @@ class World:
         self._new_machine(fresh=True)
 
     # -- the producer side -------------------------------------------------------------------------
-    def publish(self, kind: Kind, record: dict | bytes, *, eid: str) -> None:
+    def publish(self, kind: Kind, record: dict | bytes, *, eid: str, headers: Any = None) -> None:
         p = sum(eid.encode()) % self.partitions
         value = record if isinstance(record, bytes) else codec.encode(str(kind), record)
+        if callable(headers):  # headers of the encoded value (a signature)
+            headers = headers(self.config.topics[kind], eid.encode(), value)
         log = self.topics[(kind, p)]
-        log.append(Message(kind=kind, partition=p, offset=len(log), key=eid.encode(), value=value))
+        log.append(Message(kind=kind, partition=p, offset=len(log), key=eid.encode(), value=value, headers=headers))
 
     # -- the consumer side -------------------------------------------------------------------------
     def _new_machine(self, *, fresh: bool = False) -> None:
@@ -166,7 +169,7 @@ class World:
             msg = self.topics[tp][again]
         self.held[tp][msg.offset] += 1
         inbound = Inbound(kind=msg.kind, partition=msg.partition, offset=msg.offset, value=msg.value, key=msg.key,
-                          handle=(tp, msg.offset, self.generation))
+                          handle=(tp, msg.offset, self.generation), headers=msg.headers)
         {Kind.STEP: self.machine.on_step, Kind.EPISODE: self.machine.on_episode_event,
          Kind.INTERVENTION: self.machine.on_intervention}[msg.kind](inbound, now_s=self.now)
         self._carry_out()

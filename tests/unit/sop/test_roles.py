@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from sop.loop import ClosedLoop, LoopConfig
+from sop.processes import SopProcess
 from sop.settings import Settings, endpoints_file
 from sop.stack import lake_role_options, registry_auth
 
@@ -51,3 +52,31 @@ def test_with_security_each_child_runs_as_its_registry_user(tmp_path: Path) -> N
     auth = registry_auth(settings)
     assert loop._registry_role("actor-01")["MLFLOW_TRACKING_PASSWORD"] == auth.credentials("actor").password
     assert auth.credentials("actor").password != auth.credentials("learner").password
+
+
+def test_with_both_switches_each_child_gets_its_principal_registry_user_keys_and_metrics_port(
+        tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001 - pytest's MonkeyPatch
+    """`sop up --secure` turns on Kafka security and the registry's roles: every child of `sop run` must then get
+    all of its own at once (its Kafka principal, its registry user, its object-store keys, its metrics port)."""
+    for var in ("SOP_PROCESSOR_METRICS_PORT", "SOP_LEARN_METRICS_PORT", "SOP_ACTOR_METRICS_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(SopProcess, "start", lambda self: self)  # nothing runs: only what each would be given
+    settings = cluster_settings(tmp_path, security=True, kafka_security="scram-tls", processor_metrics_port=9300)
+    monkeypatch.setenv("SOP_ACTOR_METRICS_PORT", "9400")
+    loop = ClosedLoop(settings, LoopConfig(actors=2, processors=2))
+    loop.start()
+    env = {name: child.env for name, child in loop.children.items()}
+    assert set(env) == {"processor-0", "processor-1", "learner", "actor-00", "actor-01"}
+    expect = {"processor-0": ("sop-processor", "sop-processor", ROLE_KEYS["processor"], "9300"),
+              "processor-1": ("sop-processor", "sop-processor", ROLE_KEYS["processor"], "9301"),
+              "learner": ("sop-tools", "sop-learner", ROLE_KEYS["learner"], None),
+              "actor-00": ("actor-00", "sop-actor", {}, "9400"),
+              "actor-01": ("actor-01", "sop-actor", {}, "9401")}
+    for name, (principal, user, keys, port) in expect.items():
+        e = env[name]
+        assert e["SOP_KAFKA_SECURITY"] == "scram-tls" and e["SOP_SECURITY"] == "true", name
+        assert (e["SOP_KAFKA_PRINCIPAL"], e["MLFLOW_TRACKING_USERNAME"]) == (principal, user), name
+        assert json.loads(e["SOP_LAKE_STORAGE_OPTIONS"]) == keys, name
+        port_var = "SOP_PROCESSOR_METRICS_PORT" if name.startswith("processor") else "SOP_ACTOR_METRICS_PORT"
+        if port is not None:
+            assert e[port_var] == port, name

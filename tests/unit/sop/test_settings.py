@@ -78,3 +78,37 @@ def test_a_client_setting_not_every_client_honours_is_refused_at_start(monkeypat
     monkeypatch.setenv("SOP_KAFKA_CLIENT_CONFIG", '{"debug": "all"}')
     with pytest.raises(SettingsError, match="SOP_KAFKA_CLIENT_CONFIG.*'debug'"):
         load_settings()
+
+
+def test_the_client_config_may_be_a_file_and_security_picks_the_principals(monkeypatch, tmp_path) -> None:
+    from sop.settings import Settings
+
+    monkeypatch.setenv("SOP_RUN_DIR", str(tmp_path))
+    cfg = {"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "r1",
+           "sasl.password": "pw"}
+    path = tmp_path / "r1.json"
+    path.write_text(json.dumps(cfg))
+    monkeypatch.setenv("SOP_KAFKA_CLIENT_CONFIG", str(path))
+    assert load_settings().kafka_client_config == cfg
+    monkeypatch.setenv("SOP_KAFKA_CLIENT_CONFIG", str(tmp_path / "missing.json"))
+    with pytest.raises(SettingsError, match="SOP_KAFKA_CLIENT_CONFIG.*readable file"):
+        load_settings()
+    monkeypatch.delenv("SOP_KAFKA_CLIENT_CONFIG")
+
+    monkeypatch.setenv("SOP_KAFKA_SECURITY", "scram-tls")
+    assert load_settings().kafka_client_config == {}  # the admin's file is written by `sop up`
+    with pytest.raises(SettingsError, match="sop robot add r1"):
+        load_settings(default_principal="r1")
+    sec = Settings(run_dir=tmp_path).kafka_auth
+    sec.client_file("sop-processor").parent.mkdir(parents=True)
+    sec.client_file("sop-processor").write_text(json.dumps({**cfg, "sasl.username": "sop-processor"}))
+    sec.client_file("r1").write_text(json.dumps(cfg))
+    sec.identity_file("r1").parent.mkdir(parents=True)
+    sec.identity_file("r1").write_text(json.dumps({"principal": "r1", "key": "A" * 43 + "="}))
+    assert load_settings(default_principal="sop-processor").kafka_client_config["sasl.username"] == "sop-processor"
+    monkeypatch.setenv("SOP_KAFKA_PRINCIPAL", "r1")  # the principal setting wins over the command's default
+    robot = load_settings(default_principal="sop-processor")
+    assert robot.kafka_client_config == cfg and robot.publish_identity_file == sec.identity_file("r1")
+    monkeypatch.setenv("SOP_KAFKA_SECURITY", "tls")
+    with pytest.raises(SettingsError, match="SOP_KAFKA_SECURITY"):
+        load_settings()
