@@ -166,18 +166,7 @@ class MlflowServer:
     def kill(self) -> bool:
         """SIGKILL the server's process group (a crash on purpose: requests in flight get no answer); returns
         whether one was running. :meth:`start` then starts it again on the same port."""
-        try:
-            st = json.loads(self.state_file.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return False
-        if not _pid_alive(st.get("pid", -1)):
-            return False
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(st["pid"], signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while _pid_alive(st["pid"]) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return True
+        return _stop_served(self.state_file, crash=True)
 
     def restart(self, *, down_s: float = 0.0, kill: bool = False) -> str:
         """Stop (SIGTERM, or SIGKILL with ``kill``), wait ``down_s``, start again on the same port, database and
@@ -218,19 +207,24 @@ def _serve(cmd: list[str], *, url: str, state_file: Path, log_file: Path, timeou
         raise
 
 
-def _stop_served(state_file: Path) -> bool:
+def _stop_served(state_file: Path, *, crash: bool = False) -> bool:
+    """Stop the process group named in ``state_file``: SIGTERM, then SIGKILL after 15 s, and forget it; or, with
+    ``crash``, SIGKILL at once and keep the state file (its port) for the next start. Whether one was running."""
     try:
         st = json.loads(state_file.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return False
     if not _pid_alive(st.get("pid", -1)):
-        state_file.unlink(missing_ok=True)
+        if not crash:
+            state_file.unlink(missing_ok=True)
         return False
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(st["pid"], signal.SIGTERM)
-    deadline = time.monotonic() + 15
+        os.killpg(st["pid"], signal.SIGKILL if crash else signal.SIGTERM)
+    deadline = time.monotonic() + (10 if crash else 15)
     while _pid_alive(st["pid"]) and time.monotonic() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.05 if crash else 0.1)
+    if crash:
+        return True
     if _pid_alive(st["pid"]):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(st["pid"], signal.SIGKILL)
