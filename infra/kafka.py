@@ -43,10 +43,23 @@ class StackError(RuntimeError):
     """The local stack could not be started, reached or stopped; the message says what to fix."""
 
 
+_handed_out: set[tuple[str, int]] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port free on ``host`` now that this process has not handed out before.
+
+    The kernel may give the same ephemeral port to two ``bind(0)`` calls once the first socket is closed, and the
+    servers we start bind their ports only later: a broker once got the same port for two of its listeners and
+    refused to format its storage. Remembering what was handed out makes the ports of one start distinct."""
+    for _ in range(64):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if (host, port) not in _handed_out:
+            _handed_out.add((host, port))
+            return port
+    raise StackError(f"no free port on {host} that was not handed out already (64 tries)")
 
 
 def _port_open(host: str, port: int) -> bool:

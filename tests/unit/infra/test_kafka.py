@@ -38,3 +38,29 @@ def test_cluster_nodes_share_one_quorum_and_replicate_internal_topics(tmp_path) 
         assert line in props.splitlines(), line
     again = kafka.KafkaCluster(kafka.KafkaClusterConfig(data_dir=tmp_path, nodes=3, first_port=19092))
     assert again.node(3).config.controller_port == nodes[2].config.controller_port  # the layout is kept
+
+
+def test_free_ports_are_distinct_even_when_the_kernel_repeats_one(monkeypatch) -> None:
+    """CI once saw a broker's INTERNAL and CONTROLLER listeners get the same port: bind(0) may hand a port out
+    again once its probe socket is closed, before the server binds it."""
+    drawn = iter([41001, 41001, 41001, 41002])
+
+    class Probe:
+        def __init__(self, *_args: object) -> None:
+            self.port = next(drawn)
+
+        def __enter__(self) -> Probe:
+            return self
+
+        def __exit__(self, *_exc: object) -> None:
+            return None
+
+        def bind(self, _addr: tuple[str, int]) -> None:
+            return None
+
+        def getsockname(self) -> tuple[str, int]:
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(kafka, "_handed_out", set())
+    monkeypatch.setattr(kafka.socket, "socket", Probe)
+    assert [kafka.free_port(), kafka.free_port()] == [41001, 41002]
