@@ -8,6 +8,7 @@ deadletter``) can find it, fix the producer or the processor, and re-process it.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from enum import StrEnum
 
 HEADER_REASON = "sop.reason"
@@ -62,8 +63,9 @@ def reason_of(error: BaseException) -> Reason:
 
 def deadletter_headers(
     *, error: BaseException | str, topic: str, partition: int, offset: int, timestamp_ms: int | None = None,
-    processor: str = "", reason: Reason | None = None,
+    processor: str = "", reason: Reason | None = None, origin_identity: Iterable[tuple[str, bytes]] = (),
 ) -> list[tuple[str, bytes]]:
+    """The headers of a dead letter; ``origin_identity`` (the producer's signature headers) is kept as it came."""
     if reason is None:
         reason = reason_of(error) if isinstance(error, BaseException) else Reason.PROCESSING_ERROR
     headers = [
@@ -78,6 +80,7 @@ def deadletter_headers(
     ]
     if timestamp_ms is not None:
         headers.append((HEADER_TIMESTAMP, str(timestamp_ms).encode()))
+    headers.extend(origin_identity)
     return headers
 
 

@@ -22,6 +22,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
 from consumers.deadletter import deadletter_headers
 from schemas import codec
+from schemas.identity import identity_headers
 
 KAFKA_LOG = logging.getLogger("sop.kafka")
 
@@ -104,7 +105,8 @@ class DecodingConsumer:
                 self.config.deadletter_topic, msg.value(), msg.key(),
                 headers=deadletter_headers(error=exc, topic=msg.topic(), partition=msg.partition(),
                                            offset=msg.offset(), timestamp_ms=ts if ts_type else None,
-                                           processor=self.config.processor_name),
+                                           processor=self.config.processor_name,
+                                           origin_identity=identity_headers(msg.headers())),
             )
             # The offset is committed only after the dead letter is safely stored: nothing is lost.
             if self._dlq.flush(30) != 0:

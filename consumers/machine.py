@@ -47,6 +47,7 @@ from consumers import assembly
 from consumers.assembly import CLOSED
 from consumers.deadletter import Reason, Rejected, reason_of
 from schemas import codec
+from schemas.identity import identity_headers
 
 log = logging.getLogger("sop.processor.machine")
 
@@ -86,6 +87,7 @@ class DeadLetter:
     reason: Reason
     error: str
     handle: Any = None
+    identity: tuple[tuple[str, bytes], ...] = ()  # the producer's signature headers, kept for a replay
 
 
 @dataclass
@@ -156,6 +158,8 @@ class Episode:
     closing: bool = False
     poisoned: bool = False  # dead-lettered, not finished yet: its offsets still hold the watermarks back
     duplicates: int = 0
+    identity: dict[int, tuple[tuple[str, bytes], ...]] = field(default_factory=dict)  # index -> signature headers
+    end_identity: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass
@@ -367,14 +371,15 @@ class EpisodeMachine:
 
     def _dead_letter(self, msg: Inbound, reason: Reason, error: str) -> None:
         self._letter(msg.kind, msg.partition, msg.offset, msg.value, msg.key, reason, error, msg.handle,
-                     timestamp_ms=msg.timestamp_ms)
+                     timestamp_ms=msg.timestamp_ms, identity=identity_headers(msg.headers))
 
     def _letter(self, kind: Kind, p: int, offset: int, raw: bytes, key: bytes | None, reason: Reason,
-                error: str, handle: Any, *, timestamp_ms: int | None = None) -> None:
+                error: str, handle: Any, *, timestamp_ms: int | None = None,
+                identity: tuple[tuple[str, bytes], ...] = ()) -> None:
         self.deadletters[reason] += 1
         self.outbox.letters.append(DeadLetter(value=raw, key=key, topic=self.config.topics[kind], partition=p,
                                               offset=offset, timestamp_ms=timestamp_ms, reason=reason, error=error,
-                                              handle=handle))
+                                              handle=handle, identity=identity))
 
     def failed(self, msg: Inbound, error: BaseException) -> None:
         """An unexpected error while handling ``msg`` (the shell caught it): dead-letter that event only."""
@@ -494,6 +499,8 @@ class EpisodeMachine:
             ep.meta["unknown_schema"] -= 1
             self._save(ep)
         ep.records[index] = (msg.offset, step, msg.value)
+        if msg.headers:
+            ep.identity[index] = identity_headers(msg.headers)
         if not ep.unchunked:
             ep.waiting_since_s = now_s
         ep.unchunked.append((index, msg.offset, msg.value, msg.handle))
@@ -570,7 +577,9 @@ class EpisodeMachine:
                     self.counts["episode_events_reread"] += 1
                     self.outbox.acks.append(msg.handle)
                     return
-                ep.end_handle, ep.end_raw, ep.end_key = msg.handle, msg.value, msg.key  # the same end, read again
+                # the same end, read again
+                ep.end_handle, ep.end_raw, ep.end_key = msg.handle, msg.value, msg.key
+                ep.end_identity = identity_headers(msg.headers)
             elif (end["outcome"], end["num_steps"]) == (ev["outcome"], ev["num_steps"]):
                 self.counts["episode_events_duplicate"] += 1
                 self.outbox.acks.append(msg.handle)
@@ -584,6 +593,7 @@ class EpisodeMachine:
             assembly.on_episode_event(ep.meta, ev, topic=self.config.topics[Kind.EPISODE], partition=msg.partition,
                                       offset=msg.offset)
             ep.end_handle, ep.end_raw, ep.end_key = msg.handle, msg.value, msg.key
+            ep.end_identity = identity_headers(msg.headers)
             self._save(ep)
         if not ep.closing and self._complete(ep):
             self._close(ep, reason="complete")
@@ -768,11 +778,13 @@ class EpisodeMachine:
         unchunked = {i: h for i, _, _, h in ep.unchunked}
         for index, (offset, _, raw) in sorted(ep.records.items()):
             self._letter(Kind.STEP, ep.partition, offset, raw, ep.eid.encode(), Reason.POISON_EPISODE,
-                         f"episode {ep.eid} could not be stored: {type(error).__name__}: {error}", unchunked.get(index))
+                         f"episode {ep.eid} could not be stored: {type(error).__name__}: {error}", unchunked.get(index),
+                         identity=ep.identity.get(index, ()))
         end = ep.meta.get("ended") or {}
         if ep.end_raw is not None:
             self._letter(Kind.EPISODE, ep.partition, end.get("offset", -1), ep.end_raw, ep.end_key,
-                         Reason.POISON_EPISODE, f"episode {ep.eid} could not be stored: {error}", ep.end_handle)
+                         Reason.POISON_EPISODE, f"episode {ep.eid} could not be stored: {error}", ep.end_handle,
+                         identity=ep.end_identity)
         ep.unchunked = []
         ep.end_handle = None
         ep.closing = ep.poisoned = True
@@ -838,7 +850,8 @@ class EpisodeMachine:
                 self.counts["steps_late"] += 1
                 self._letter(Kind.STEP, c.partition, offset, raw, c.eid.encode(), Reason.LATE_STEP,
                              f"step {index} of {c.eid} was not stored with its episode ({c.reason}: "
-                             f"{c.meta['ended']['num_steps']} steps announced)", unchunked.get(index))
+                             f"{c.meta['ended']['num_steps']} steps announced)", unchunked.get(index),
+                             identity=ep.identity.get(index, ()))
             ep.unchunked = []
             if ep.end_handle is not None:
                 self.outbox.acks.append(ep.end_handle)

@@ -408,7 +408,8 @@ def build_app(config: ProcessorConfig) -> tuple[faust.App, Shell]:
                         key=letter.key, value=letter.value,
                         headers=deadletter_headers(error=letter.error, reason=letter.reason,
                                                    topic=letter.topic, partition=letter.partition, offset=letter.offset,
-                                                   timestamp_ms=letter.timestamp_ms, processor=config.group_id))
+                                                   timestamp_ms=letter.timestamp_ms, processor=config.group_id,
+                                                   origin_identity=letter.identity))
                     await fut
                 except Exception as exc:  # noqa: BLE001 - keep the input unacknowledged and try again
                     shell.metrics.deadletters_failed += 1

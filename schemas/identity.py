@@ -75,6 +75,15 @@ def header_values(headers: Iterable[tuple[str, bytes | None]] | Mapping[str, byt
     return out
 
 
+def identity_headers(headers: Iterable[tuple[str, bytes | None]] | Mapping[str, bytes | None] | None,
+                     ) -> tuple[tuple[str, bytes], ...]:
+    """The producer's identity headers (principal and signature) of an event, if it has them: a dead letter keeps
+    them, so that ``sop replay deadletter`` re-publishes the event as its robot signed it (the signature covers
+    principal, topic, key and value, all of which a replay keeps)."""
+    found = header_values(headers)
+    return tuple((name, found[name]) for name in (HEADER_PRINCIPAL, HEADER_SIGNATURE) if name in found)
+
+
 def decode_key(text: str) -> bytes:
     """A signing key as written in an identity file (base64); ValueError unless it decodes to 32 bytes."""
     try:

@@ -244,6 +244,16 @@ def decide_letter(headers: dict[str, str], letter: str, *, reasons: frozenset[st
     return topic, "replay"
 
 
+def republished_headers(headers: dict[str, str], *, letter: str, origin: str) -> list[tuple[str, bytes]]:
+    """The headers of a re-published dead letter: where it came from, and the producer's identity headers as the
+    letter kept them (a signed robot event stays signed, so a processor with security on takes it again)."""
+    from schemas.identity import HEADER_PRINCIPAL, HEADER_SIGNATURE
+
+    out = [(HEADER_REPLAYED_FROM, letter.encode()), (HEADER_REPLAYED_ORIGIN, origin.encode())]
+    out.extend((name, headers[name].encode()) for name in (HEADER_PRINCIPAL, HEADER_SIGNATURE) if name in headers)
+    return out
+
+
 def origin_timestamp_ms(headers: dict[str, str]) -> int | None:
     from consumers.deadletter import HEADER_TIMESTAMP
 
@@ -467,8 +477,7 @@ def replay_deadletters(settings: Settings, *, reasons: Iterable[str] | None = No
             while True:
                 try:
                     producer.produce(topic, msg.value(), msg.key(), on_delivery=delivered,
-                                     headers=[(HEADER_REPLAYED_FROM, letter.encode()),
-                                              (HEADER_REPLAYED_ORIGIN, origin.encode())], **kwargs)
+                                     headers=republished_headers(h, letter=letter, origin=origin), **kwargs)
                     break
                 except BufferError:
                     producer.poll(0.1)

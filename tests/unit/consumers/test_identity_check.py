@@ -134,3 +134,37 @@ def test_without_an_authenticator_unsigned_events_are_stored_as_before() -> None
     world.publish(Kind.EPISODE, end_record("e", 1), eid="e")
     world.settle()
     assert world.deadletters == [] and len(world.tables["steps"].rows) == 1
+
+
+def test_a_dead_letter_keeps_the_robots_signature_so_a_replay_is_accepted_again() -> None:
+    """A signed step dead-lettered as late must come back through `sop replay deadletter` still signed: the
+    processor with security on would otherwise dead-letter the replayed event as identity-mismatch."""
+    from consumers.deadletter import deadletter_headers, parse_headers
+    from schemas.identity import identity_headers
+    from sop.commands.replay import republished_headers
+
+    world = World(partitions=1)
+    world.machine.authenticator = lambda name, record, topic, msg: check_identity(  # noqa: ARG005
+        record, topic=topic, key=msg.key, value=msg.value, headers=msg.headers, identities=ROBOTS)
+    robot_a = Signer("robot-a", KEY_A)
+
+    def sign(topic: str, key: bytes, value: bytes) -> list:
+        return robot_a.headers(topic, key=key, value=value)
+
+    world.publish(Kind.EPISODE, start_record("e"), eid="e", headers=sign)
+    world.publish(Kind.STEP, step_record("e", 0), eid="e", headers=sign)
+    world.publish(Kind.EPISODE, end_record("e", 1), eid="e", headers=sign)
+    world.settle()
+    world.publish(Kind.STEP, step_record("e", 1), eid="e", headers=sign)  # beyond the announced end
+    world.settle()
+    [letter] = world.deadletters
+    assert letter.reason is Reason.LATE_STEP and dict(letter.identity)[HEADER_PRINCIPAL] == b"robot-a"
+    stored = parse_headers(deadletter_headers(error=letter.error, reason=letter.reason, topic=letter.topic,
+                                              partition=letter.partition, offset=letter.offset,
+                                              origin_identity=letter.identity))
+    again = republished_headers(stored, letter="sop.deadletter/0/0", origin=f"{letter.topic}/0/{letter.offset}")
+    record = step_record("e", 1)
+    assert check(record, letter.value, again, topic=letter.topic, key=letter.key) == "robot-a"
+    assert identity_headers(again) == letter.identity
+    with pytest.raises(Rejected):  # without the kept headers the replay would be refused
+        check(record, letter.value, republished_headers({}, letter="l", origin="o"), topic=letter.topic, key=letter.key)
