@@ -69,6 +69,8 @@ class LoadGenConfig:
             problems.append("give a duration or a number of episodes, or it never ends")
         if not 8 <= self.image_size <= 1024:
             problems.append(f"image_size must be in 8..1024, got {self.image_size}")
+        if not 1 <= self.cameras <= 16:
+            problems.append(f"cameras must be in 1..16, got {self.cameras}")
         if not 1 <= self.min_steps <= self.max_steps:
             problems.append(f"need 1 <= min_steps <= max_steps, got {self.min_steps}..{self.max_steps}")
         if not (0 <= self.success_rate <= 1 and 0 <= self.intervention_rate <= 1):

@@ -23,6 +23,25 @@ from sop.settings import MetricsPort, SettingsError, settings_error
 CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
 
 
+def camera_list(spec: str) -> str:
+    """``--cameras``: a count N (MetaWorld's first N cameras) or comma-separated names, as SOP_ACTOR_CAMERAS text.
+
+    >>> camera_list("3")
+    'corner,corner2,corner3'
+    """
+    spec = spec.strip()
+    if spec.isdigit():
+        n = int(spec)
+        if not 1 <= n <= len(CAMERAS):
+            raise ValueError(f"--cameras {n}: a count must be in 1..{len(CAMERAS)} (MetaWorld has {list(CAMERAS)})")
+        return ",".join(CAMERAS[:n])
+    names = [c.strip() for c in spec.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CAMERAS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ValueError(f"--cameras {spec!r}: give a count or distinct names from {list(CAMERAS)}, comma-separated")
+    return ",".join(names)
+
+
 class ActorSettings(BaseSettings):
     # SOP_OPERATOR_STALL_STEPS=none disables stall detection (likewise for the other optional values).
     model_config = SettingsConfigDict(env_prefix="SOP_", extra="ignore", frozen=True, env_parse_none_str="none")
@@ -95,11 +114,12 @@ class ActorSettings(BaseSettings):
     @field_validator("actor_cameras")
     @classmethod
     def _cameras(cls, v: str) -> str:
-        names = [c.strip() for c in v.split(",") if c.strip()]
-        unknown = [c for c in names if c not in CAMERAS]
-        if not names or unknown or len(set(names)) != len(names):
+        if v.strip().isdigit():
             raise ValueError(f"must be distinct names from {list(CAMERAS)}, comma-separated")
-        return ",".join(names)
+        try:
+            return camera_list(v)
+        except ValueError:
+            raise ValueError(f"must be distinct names from {list(CAMERAS)}, comma-separated") from None
 
     @field_validator("actor_tasks")
     @classmethod

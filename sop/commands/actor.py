@@ -322,6 +322,9 @@ def summary(status: ActorStatus) -> str:
 @click.option("--duration", "duration_s", type=float, default=None,
               help="Stop starting episodes after this many seconds.")
 @click.option("--image-size", type=int, default=None, help="Camera image side [default: SOP_ACTOR_IMAGE_SIZE].")
+@click.option("--cameras", default=None, metavar="N|NAMES",
+              help="Cameras per step: a count (MetaWorld's first N) or comma-separated names [default: "
+                   "SOP_ACTOR_CAMERAS]. The processor validates steps against its own SOP_ACTOR_CAMERAS: set both.")
 @click.option("--seed-start", type=int, default=ONLINE_SEEDS.start, show_default=True,
               help="Placement seed of the first episode.")
 @click.option("--seed-stride", type=int, default=1, show_default=True,
@@ -335,7 +338,7 @@ def summary(status: ActorStatus) -> str:
 @click.option("--loglevel", default="warning", type=click.Choice(["debug", "info", "warning", "error"]))
 def command(tasks: str | None, actor_id: str | None, operator_spec: str | None, operator_config: str | None,
             no_operator: bool, robot: str | None, robot_config: str | None, architectures: tuple[str, ...], hz: float | None, episodes: int | None,
-            duration_s: float | None, image_size: int | None, seed_start: int, seed_stride: int,
+            duration_s: float | None, image_size: int | None, cameras: str | None, seed_start: int, seed_stride: int,
             register_expert_if_missing: bool, show_status: bool | None, status_file: Path | None,
             loglevel: str) -> None:
     """Run one robot: episodes with the policy the registry alias points at, streamed to Kafka."""
@@ -352,6 +355,13 @@ def command(tasks: str | None, actor_id: str | None, operator_spec: str | None, 
     if robot is not None and tasks is not None:
         raise click.UsageError("--tasks chooses simulated tasks; a --robot runs its own task (robot.task)")
     device = None if operator_spec in (None, "sim", "none") else operator_spec
+    if cameras is not None:
+        from sop.actor_settings import camera_list
+
+        try:
+            actor_settings = actor_settings.model_copy(update={"actor_cameras": camera_list(cameras)})
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
     try:
         hz = actor_settings.actor_control_hz if hz is None else hz
         run = ActorRun(

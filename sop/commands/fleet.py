@@ -43,7 +43,8 @@ from sop.settings import load_settings
 
 
 def actor_argv(member: FleetMember, *, status_file: Path, hz: float, episodes: int | None,
-               duration_s: float | None, operator: bool, image_size: int | None) -> list[str]:
+               duration_s: float | None, operator: bool, image_size: int | None,
+               cameras: str | None = None) -> list[str]:
     argv = [sys.executable, "-m", "sop", "actor", "--actor-id", member.actor_id, "--tasks", ",".join(member.tasks),
             "--seed-start", str(member.seed_start), "--seed-stride", str(member.seed_stride), "--hz", str(hz),
             "--no-status", "--status-file", str(status_file), "--operator" if operator else "--no-operator"]
@@ -53,6 +54,8 @@ def actor_argv(member: FleetMember, *, status_file: Path, hz: float, episodes: i
         argv += ["--duration", str(duration_s)]
     if image_size is not None:
         argv += ["--image-size", str(image_size)]
+    if cameras is not None:
+        argv += ["--cameras", cameras]
     return argv
 
 
@@ -93,18 +96,28 @@ def fleet_view(members: list[FleetMember], processes: list[Member], statuses: di
               help="Seconds after which actors stop starting episodes.")
 @click.option("--operator/--no-operator", default=True, show_default=True)
 @click.option("--image-size", type=int, default=None, help="Camera image side [default: SOP_ACTOR_IMAGE_SIZE].")
+@click.option("--cameras", default=None, metavar="N|NAMES",
+              help="Cameras per step: a count (MetaWorld's first N) or names [default: SOP_ACTOR_CAMERAS]; the "
+                   "processor must run with the same SOP_ACTOR_CAMERAS.")
 @click.option("--seed-start", type=int, default=ONLINE_SEEDS.start, show_default=True)
 @click.option("--id-prefix", default="actor", show_default=True, help="Actor ids are PREFIX-00, PREFIX-01, …")
 @click.option("--register-expert-if-missing", is_flag=True,
               help="Register the noisy scripted expert once, before the actors start, if the alias is unset.")
 def command(actors: int, tasks: str | None, hz: float | None, episodes: int | None, duration_s: float | None,
-            operator: bool, image_size: int | None, seed_start: int, id_prefix: str,
+            operator: bool, image_size: int | None, cameras: str | None, seed_start: int, id_prefix: str,
             register_expert_if_missing: bool) -> None:
     """Run N actor processes with an aggregate live view; Ctrl-C stops them all cleanly."""
     quiet_mlflow()
     settings = load_settings()
     actor_settings = load_actor_settings()
     console = Console()
+    if cameras is not None:
+        from sop.actor_settings import camera_list
+
+        try:
+            cameras = camera_list(cameras)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
     try:
         members = plan_fleet(actors, parse_tasks(tasks) if tasks is not None else actor_settings.tasks,
                              seeds=ONLINE_SEEDS, id_prefix=id_prefix, seed_start=seed_start)
@@ -130,7 +143,7 @@ def command(actors: int, tasks: str | None, hz: float | None, episodes: int | No
             fleet.start(m.actor_id, actor_argv(m, status_file=status_files[m.actor_id],
                                                hz=actor_settings.actor_control_hz if hz is None else hz,
                                                episodes=episodes, duration_s=duration_s, operator=operator,
-                                               image_size=image_size),
+                                               image_size=image_size, cameras=cameras),
                         env={**env, "SOP_ACTOR_METRICS_PORT": str(ports[m.actor_id])},
                         log_path=run_dir / f"{m.actor_id}.log")
             for m in members

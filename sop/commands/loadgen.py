@@ -26,16 +26,20 @@ def make_publisher(settings: Settings, **kw: object) -> EventPublisher:
 @click.option("--robots", default=4, show_default=True, help="Number of simulated robots.")
 @click.option("--hz", default=30.0, show_default=True, help="Control rate per robot (0 = as fast as possible).")
 @click.option("--image-size", default=64, show_default=True, help="Camera image side in pixels.")
+@click.option("--cameras", default=1, show_default=True,
+              help="JPEG frames per step: MetaWorld's camera names (corner, corner2, corner3, topview, ...), so the "
+                   "processor takes them when started with the same SOP_ACTOR_CAMERAS and SOP_ACTOR_IMAGE_SIZE.")
 @click.option("--duration", "duration_s", default=10.0, show_default=True, help="Seconds to keep starting episodes.")
 @click.option("--episodes", default=None, type=int, help="Stop after this many episodes instead.")
 @click.option("--intervention-rate", default=0.3, show_default=True, help="Share of episodes with a human takeover.")
 @click.option("--seed", default=0, show_default=True)
-def command(robots: int, hz: float, image_size: int, duration_s: float, episodes: int | None,
+def command(robots: int, hz: float, image_size: int, cameras: int, duration_s: float, episodes: int | None,
             intervention_rate: float, seed: int) -> None:
     """Publish a simulated fleet's event streams to Kafka, for tests and benchmarks."""
     settings = load_settings()
     try:
-        cfg = LoadGenConfig(robots=robots, hz=hz, image_size=image_size, duration_s=None if episodes else duration_s,
+        cfg = LoadGenConfig(robots=robots, hz=hz, image_size=image_size, cameras=cameras,
+                            duration_s=None if episodes else duration_s,
                             episodes=episodes, intervention_rate=intervention_rate, seed=seed)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None

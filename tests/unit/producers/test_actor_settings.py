@@ -75,3 +75,24 @@ def test_demo_rows_carry_the_processors_recap_columns(outcome: str) -> None:
     with pytest.raises(ValueError, match="ENDED"):
         demonstration_rows(_episode(outcome, 3)[:-1], recap=RecapConfig(max_episode_length=10))
     assert demo_app_id("reach-v3", 3) == "sop-demos.reach-v3.seed-3"
+
+
+def test_cameras_are_given_as_a_count_or_as_names() -> None:
+    from sop.actor_settings import camera_list
+
+    assert camera_list("3") == "corner,corner2,corner3"
+    assert camera_list(" topview , corner ") == "topview,corner"
+    for bad in ("0", "8", "corner,corner", "fisheye", ""):
+        with pytest.raises(ValueError, match="--cameras"):
+            camera_list(bad)
+
+
+def test_the_load_generator_sends_every_camera_at_the_size_asked() -> None:
+    from producers.loadgen import LoadGenConfig, iter_fleet
+
+    cfg = LoadGenConfig(robots=1, hz=0, duration_s=None, episodes=1, cameras=3, image_size=224, image_pool=2)
+    step = next(rec for name, rec in iter_fleet(cfg) if name == "Step")
+    assert [(i["camera"], i["width"], i["height"]) for i in step["images"]] == \
+        [("corner", 224, 224), ("corner2", 224, 224), ("corner3", 224, 224)]
+    with pytest.raises(ValueError, match="cameras"):
+        LoadGenConfig(cameras=0)
