@@ -186,8 +186,11 @@ def fleet(args: argparse.Namespace, base: Path, out: Path) -> dict:
 
 
 def sampler_arms(alphas: list[float]) -> dict[str, tuple[list[str], dict[str, str]]]:
-    """Arm name -> (`sop run` options, environment): one adaptive arm per alpha and the fixed 50/50 mix."""
-    arms = {f"adaptive_alpha{a:g}": (["--sampler", "adaptive"], {"SOP_LEARN_ALPHA": str(a)}) for a in alphas}
+    """Arm name -> (`sop run` options, environment): per alpha one arm of the paper's formula and one of the
+    normalised mix, and the fixed 50/50 mix."""
+    arms = {f"adaptive_alpha{a:g}": (["--sampler", "paper"], {"SOP_LEARN_ALPHA": str(a)}) for a in alphas}
+    arms.update({f"normalised_alpha{a:g}": (["--sampler", "normalised"], {"SOP_LEARN_ALPHA": str(a)})
+                 for a in alphas})
     arms["fixed_50_50"] = (["--sampler", "fixed"], {"SOP_LEARN_FIXED_ONLINE_SHARE": "0.5"})
     return arms
 
@@ -361,7 +364,7 @@ def main() -> None:
                     help="fleet, sampler: episodes per task per checkpoint.")
     ap.add_argument("--reuse", nargs="*", default=[], metavar="ARM=DIR",
                     help="Take an arm from an earlier run directory instead of running it: fleet N=DIR (N actors), "
-                         "sampler adaptive_alphaA=DIR or fixed_50_50=DIR.")
+                         "sampler adaptive_alphaA=DIR, normalised_alphaA=DIR or fixed_50_50=DIR.")
     ap.add_argument("--alphas", type=float, nargs="+", default=[2.0],
                     help="sampler: one adaptive arm per alpha of omega_on = exp(a*l_on) / (exp(a*l_on) + exp(l_off)).")
     ap.add_argument("--eval-episodes", type=int, default=50)

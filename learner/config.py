@@ -19,7 +19,7 @@ from rewards.config import ConfigError, RecapConfig
 __all__ = ["ConfigError", "RecapConfig"]  # and the configs below
 
 ImageEncoderKind = Literal["cnn", "vit"]
-SamplerMode = Literal["adaptive", "fixed"]
+SamplerMode = Literal["paper", "normalised", "fixed"]
 AlgorithmName = Literal["hg-dagger", "recap"]
 
 
@@ -123,7 +123,9 @@ class SamplerConfig:
     """The adaptive online/offline sampler of the SOP paper, its buffers and its prefetching."""
 
     batch_size: int = 64
-    mode: SamplerMode = "adaptive"
+    # paper: omega_on from the losses as they are; normalised: from the losses in units of the task's offline
+    # loss (meaningful at any loss scale); fixed: a constant share (the ablation)
+    mode: SamplerMode = "paper"
     fixed_online_share: float = 0.5  # used when mode == "fixed" (the ablation)
     alpha: float = 2.0
     share_clip: tuple[float, float] = (0.2, 0.8)
@@ -135,8 +137,8 @@ class SamplerConfig:
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, f"SamplerConfig.batch_size must be >= 1; got {self.batch_size}")
-        _require(self.mode in ("adaptive", "fixed"),
-                 f"SamplerConfig.mode must be 'adaptive' or 'fixed'; got {self.mode!r}")
+        _require(self.mode in ("paper", "normalised", "fixed"),
+                 f"SamplerConfig.mode must be 'paper', 'normalised' or 'fixed'; got {self.mode!r}")
         _require(0.0 <= self.fixed_online_share <= 1.0,
                  f"SamplerConfig.fixed_online_share must be in [0, 1]; got {self.fixed_online_share}")
         _require(self.alpha > 1.0,

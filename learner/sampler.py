@@ -9,6 +9,12 @@ from its offline demonstrations, with
 ``l_on`` / ``l_off`` the mean per-sample training losses on the task's online / offline samples over the
 last ~200 learner steps (fed back through ``record_losses``). A task with no online data yet is sampled
 offline only. ``mode="fixed"`` uses a constant share instead (the ablation).
+
+``mode="paper"`` applies the formula to the losses as they are. Its exponent ``alpha*l_on - l_off`` is of the
+order of the losses, so with action-MSE losses of 0.003-0.06 it stays near 0 and omega_on near 0.5 whatever the
+two losses do. ``mode="normalised"`` measures both losses in units of the task's offline loss (the running scale
+the window already keeps), ``z = alpha * l_on / l_off - 1``: equal losses give the paper's share at losses of 1,
+and an online loss twice the offline one tilts the mix as a difference of one unit of loss would.
 """
 
 from __future__ import annotations
@@ -37,9 +43,13 @@ class NoData(RuntimeError):
     """No task has any row yet; the trainer has nothing to learn from."""
 
 
-def online_share(l_on: float, l_off: float, alpha: float, clip: tuple[float, float] = (0.2, 0.8)) -> float:
-    """``exp(a*l_on) / (exp(a*l_on) + exp(l_off))`` clipped to ``clip`` (computed as a stable sigmoid)."""
-    z = alpha * l_on - l_off
+def online_share(l_on: float, l_off: float, alpha: float, clip: tuple[float, float] = (0.2, 0.8), *,
+                 scale: float = 1.0) -> float:
+    """``exp(a*l_on/s) / (exp(a*l_on/s) + exp(l_off/s))`` clipped to ``clip`` (a stable sigmoid); ``s = scale``
+    is 1 for the paper's formula, the offline loss for the normalised mix."""
+    if not scale > 0 or not math.isfinite(scale):
+        scale = 1.0  # an offline loss of 0 (a memorised task): no scale to measure in, use the paper's
+    z = (alpha * l_on - l_off) / scale
     share = 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
     return min(max(share, clip[0]), clip[1])
 
@@ -230,7 +240,8 @@ class AdaptiveSampler:
         if l_on is None or l_off is None:
             # No feedback yet for one side: start in the middle until both losses are measured.
             return online_share(0.0, 0.0, self.config.alpha, self.config.share_clip)
-        return online_share(l_on, l_off, self.config.alpha, self.config.share_clip)
+        return online_share(l_on, l_off, self.config.alpha, self.config.share_clip,
+                            scale=l_off if self.config.mode == "normalised" else 1.0)
 
     def sizes(self) -> dict[str, dict[str, int]]:
         with self._lock:

@@ -40,7 +40,9 @@ class LearnerSettings(BaseSettings):
 
     # the sampler
     learn_batch_size: int = Field(64, ge=1, description="Global batch (split over torchrun processes).")
-    learn_sampler: Literal["adaptive", "fixed"] = Field("adaptive", description="fixed = the ablation.")
+    learn_sampler: Literal["paper", "normalised", "fixed"] = Field("paper", description=(
+        "paper = the paper's omega_on formula on the raw losses; normalised = the same on losses in units of the "
+        "task's offline loss; fixed = the ablation (SOP_LEARN_FIXED_ONLINE_SHARE)."))
     learn_fixed_online_share: float = Field(0.5, ge=0, le=1)
     learn_alpha: float = Field(2.0, gt=1)
     learn_window_steps: int = Field(200, ge=1)

@@ -43,7 +43,7 @@ class LoopConfig:
     operator: bool = True
     demos_per_task: int | None = None  # None: the calibrated per-task counts of sim.demos_io
     demo_noise: float = 0.2
-    sampler: str = "adaptive"
+    sampler: str = "paper"
     learn_args: tuple[str, ...] = ()
     actor_args: tuple[str, ...] = ()
     learn_online: bool = True  # False: collect only (offline-iterations baseline: train after collection)

@@ -42,8 +42,9 @@ def status_line(status: dict[str, Any]) -> str:
 @click.option("--duration", "duration_s", type=float, default=None, help="Stop after this many seconds.")
 @click.option("--promotion", type=click.Choice(["auto", "gated"]), default=None,
               help="auto: every version becomes champion; gated: candidate first (SOP_LEARN_PROMOTION).")
-@click.option("--sampler", type=click.Choice(["adaptive", "fixed"]), default=None,
-              help="adaptive online share, or a fixed one (SOP_LEARN_SAMPLER, SOP_LEARN_FIXED_ONLINE_SHARE).")
+@click.option("--sampler", type=click.Choice(["paper", "normalised", "fixed"]), default=None,
+              help="paper/normalised adaptive online share, or a fixed one (SOP_LEARN_SAMPLER, "
+                   "SOP_LEARN_FIXED_ONLINE_SHARE).")
 @click.option("--publish-every", type=int, default=None, help="Learner steps between versions (SOP_LEARN_PUBLISH_EVERY).")
 @click.option("--quiet", is_flag=True, help="No live line; print a status line every 30 s instead.")
 def command(algorithm: str | None, max_steps: int | None, duration_s: float | None, promotion: str | None,

@@ -19,7 +19,9 @@ from sop.settings import load_settings
 @click.option("--minutes", default=30.0, show_default=True, help="Wall-clock budget of the online phase.")
 @click.option("--target-success", type=float, default=None, help="Stop early when every task's recent success reaches this.")
 @click.option("--algorithm", type=click.Choice(["hg-dagger", "recap"]), default="hg-dagger", show_default=True)
-@click.option("--sampler", type=click.Choice(["adaptive", "fixed"]), default="adaptive", show_default=True)
+@click.option("--sampler", type=click.Choice(["paper", "normalised", "fixed"]), default="paper", show_default=True,
+              help="The online/offline mix: the paper's formula on raw losses, on losses normalised by the task's "
+                   "offline loss, or a fixed share.")
 @click.option("--tasks", default=None, help="Comma-separated tasks (default: the default suite).")
 @click.option("--hz", default=30.0, show_default=True, help="Control rate of every robot (0 = as fast as possible).")
 @click.option("--operator/--no-operator", default=True, show_default=True, help="Simulated human takeovers.")

@@ -20,7 +20,7 @@ from learner.config import (
 @pytest.mark.parametrize(("make", "message"), [
     (lambda: SamplerConfig(alpha=0.9), "alpha must be > 1"),
     (lambda: SamplerConfig(share_clip=(0.8, 0.2)), "share_clip"),
-    (lambda: SamplerConfig(mode="sometimes"), "'adaptive' or 'fixed'"),
+    (lambda: SamplerConfig(mode="sometimes"), "'paper', 'normalised' or 'fixed'"),
     (lambda: RecapConfig(target_positive_share=1.5), "target_positive_share must be in"),
     (lambda: RecapConfig(cfg_beta=0.5), "cfg_beta must be >= 1"),
     (lambda: RecapConfig(task_max_episode_length={"reach": 0}), "task_max_episode_length"),

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import HashEmbedder, make_episode
+from hypothesis import given
+from hypothesis import strategies as st
 
 from learner.algorithms import HGDagger
 from learner.batch import HUMAN, BatchBuilder
@@ -192,3 +194,29 @@ def test_prefetcher_reports_errors_of_the_source() -> None:
 
     with Prefetcher(Broken()) as prefetch, pytest.raises(RuntimeError, match="prefetch thread failed"):  # type: ignore[arg-type]
         prefetch.next_batch(timeout_s=5)
+
+
+def test_the_normalised_mix_moves_at_action_mse_scale_where_the_paper_formula_does_not(
+        rng: np.random.Generator) -> None:
+    """The README's losses (0.003-0.06) left the paper's omega_on at 0.50-0.53; in units of the offline loss an
+    online loss three times the offline one reaches the clip, one a third of it falls well below the start."""
+    for mode, high, low in (("paper", (0.49, 0.52), (0.49, 0.51)), ("normalised", (0.8, 0.8), (0.25, 0.45))):
+        sampler = make_sampler(SamplerConfig(batch_size=64, alpha=2.0, mode=mode))
+        for task in ("reach-v3", "drawer-open-v3"):
+            fill(sampler, task, rng, offline=10, online=10)
+        sampler.record_losses("reach-v3", "online", [0.03])
+        sampler.record_losses("reach-v3", "offline", [0.01])
+        sampler.record_losses("drawer-open-v3", "online", [0.01])
+        sampler.record_losses("drawer-open-v3", "offline", [0.03])
+        omega = sampler.omega()
+        assert high[0] <= omega["reach-v3"] <= high[1], (mode, omega)
+        assert low[0] <= omega["drawer-open-v3"] <= low[1], (mode, omega)
+
+
+@given(l_on=st.floats(1e-4, 10), l_off=st.floats(1e-4, 10), k=st.floats(1e-3, 1e3), alpha=st.floats(1.01, 20))
+def test_the_normalised_share_does_not_depend_on_the_loss_scale(l_on: float, l_off: float, k: float,
+                                                                alpha: float) -> None:
+    share = online_share(l_on, l_off, alpha, scale=l_off)
+    assert share == pytest.approx(online_share(k * l_on, k * l_off, alpha, scale=k * l_off), abs=1e-9)
+    assert share == pytest.approx(online_share(alpha * l_on / l_off, 1.0, 1.0), abs=1e-9)  # z = alpha*r - 1
+    assert online_share(l_on, l_off, alpha, scale=0.0) == online_share(l_on, l_off, alpha)  # no scale: the paper's
