@@ -6,7 +6,9 @@
 
 methods  base policy, SOP + HG-DAgger, SOP + RECAP, and offline iterations (the same actors, operator and
          wall-clock budget collecting with the frozen base policy, then the same learner trained on what was
-         collected): success per task on held-out seeds and episodes per hour.
+         collected): success per task on held-out seeds and episodes per hour. The RECAP arm starts from RECAP's
+         own base (same demonstrations): the value model trained on them (`sop train-value`), the policy pretrained
+         on its advantages (`sop pretrain --algorithm recap`); its run keeps that value model frozen.
 fleet    SOP + HG-DAgger with 1, 2 and 4 actors: time until the rolling success reaches 0.8, speed-up.
 sampler  the adaptive online/offline mix (one arm per --alphas) against a fixed 50/50 mix.
 
@@ -56,9 +58,24 @@ def prepare(base: Path, *, demos: int | None, tasks: list[str] | None) -> None:
 
         counts = {task: BASE_DEMOS_PER_TASK.get(task, 10) for task in (tasks or BASE_DEMOS_PER_TASK)}
         make_demonstrations(Lakehouse(str(base / "lake")), episodes_per_task=counts, progress=True)
-    sop(["pretrain", "--no-eval"], base)
+    sop(["pretrain", "--algorithm", "hg-dagger", "--no-eval"], base)
     sop(["down"], base)
     (base / "prepared").touch()
+
+
+def prepare_recap(base: Path, recap_base: Path) -> None:
+    """RECAP's base from the shared base's demonstrations: the distributional value model trained on them and
+    registered, then the policy pretrained conditioned on that model's advantages (as `sop run --algorithm recap`
+    prepares a fresh run directory)."""
+    if (recap_base / "prepared").exists():
+        return
+    if recap_base.exists():
+        shutil.rmtree(recap_base)
+    recap_base.mkdir(parents=True)
+    shutil.copytree(base / "lake", recap_base / "lake")
+    sop(["train-value"], recap_base)
+    sop(["pretrain", "--algorithm", "recap", "--no-eval"], recap_base)
+    (recap_base / "prepared").touch()
 
 
 def clone(base: Path, dst: Path) -> Path:
@@ -107,13 +124,18 @@ def base_mean_success(base: Path) -> float | None:
 
 
 def methods(args: argparse.Namespace, base: Path, out: Path) -> dict:
-    if not done(base, "eval.json"):
-        evaluate(base, episodes=args.eval_episodes, tasks=args.tasks)
-    results = {"base": {"success": json.loads((base / "eval.json").read_text())["canonical"]}}
-    for name, extra in (("sop_hg_dagger", ["--algorithm", "hg-dagger"]), ("sop_recap", ["--algorithm", "recap"])):
+    recap_base = out / "base_recap"
+    prepare_recap(base, recap_base)
+    results = {}
+    for name, b in (("base", base), ("base_recap", recap_base)):
+        if not done(b, "eval.json"):
+            evaluate(b, episodes=args.eval_episodes, tasks=args.tasks)
+        results[name] = {"success": json.loads((b / "eval.json").read_text())["canonical"]}
+    for name, extra, start in (("sop_hg_dagger", ["--algorithm", "hg-dagger"], base),
+                               ("sop_recap", ["--algorithm", "recap"], recap_base)):
         d = out / name
         if not done(d, "last-run.json"):
-            run_arm(clone(base, d), minutes=args.minutes, actors=args.actors, extra=extra, tasks=args.tasks)
+            run_arm(clone(start, d), minutes=args.minutes, actors=args.actors, extra=extra, tasks=args.tasks)
         if not done(d, "eval.json"):
             evaluate(d, episodes=args.eval_episodes, tasks=args.tasks)
         summary = json.loads((d / "last-run.json").read_text())["summary"]

@@ -84,6 +84,7 @@ class ProcessorConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     tracking_uri: str | None = None
     value_model_name: str = "sop-value"
+    value_model_version: str | None = None  # pinned (replay with a new value model, a frozen run); None: champion
     value_poll_s: float = 60.0
     # architecture name -> builder of a verified value version (`sop process`: sop-value); empty: no value model
     value_architectures: dict[str, Any] = field(default_factory=dict)
@@ -222,7 +223,8 @@ class Shell:
         self.baseline = RunningBaseline(buckets=config.reward.baseline_buckets,
                                         max_episode_length=config.reward.max_episode_length)
         self.values = RegistryValueSource(tracking_uri=config.tracking_uri, name=config.value_model_name,
-                                          poll_s=config.value_poll_s, architectures=config.value_architectures)
+                                          pinned=config.value_model_version, poll_s=config.value_poll_s,
+                                          architectures=config.value_architectures)
         self.metrics = Metrics()
         self.prometheus = ProcessorMetrics()  # served by `sop process` (infra.metrics)
         self.lag: Callable[[], dict[str, dict[str, int]]] | None = None  # set by build_app

@@ -4,7 +4,8 @@ A version is data (``infra.model_versions``): it is downloaded, every file's SHA
 version's tags, and built by the processor's own code for its declared architecture (``architectures``, given
 by `sop process`: ``sop-value``). A tampered, pickled (first-format) or unknown version is refused and the
 processor keeps the one it has (or the running baseline). This package asks the registry for the newest version
-(or an alias) now and then and calls ``values_for_rows(step records)``.
+(or an alias) now and then and calls ``values_for_rows(step records)``; a *pinned* version (``sop replay kafka
+--value-version``, or `sop run --algorithm recap` keeping its value model frozen) is the only one it ever loads.
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ log = logging.getLogger("sop.processor.values")
 
 
 class RegistryValueSource:
-    """Polls the registry for ``name`` (alias ``champion`` if set, else the newest version) every ``poll_s``."""
+    """Polls the registry for ``name`` (version ``pinned`` if given, else alias ``champion`` if set, else the newest
+    version) every ``poll_s``."""
 
     def __init__(self, *, tracking_uri: str | None, name: str = "sop-value", alias: str | None = "champion",
-                 poll_s: float = 60.0, architectures: Mapping[str, Builder] | None = None) -> None:
+                 pinned: str | None = None, poll_s: float = 60.0,
+                 architectures: Mapping[str, Builder] | None = None) -> None:
         self.tracking_uri, self.name, self.alias, self.poll_s = tracking_uri, name, alias, poll_s
+        self.pinned = pinned
         self.architectures = dict(architectures or {})
         self.version: str | None = None
         self.refused: dict[str, str] = {}  # version -> why (not loaded again)
@@ -45,6 +49,8 @@ class RegistryValueSource:
 
         client = registry_client(self.tracking_uri)
         try:
+            if self.pinned is not None:
+                return str(client.get_model_version(self.name, self.pinned).version)
             if self.alias:
                 try:
                     return str(client.get_model_version_by_alias(self.name, self.alias).version)

@@ -6,15 +6,16 @@ train from prefetched batches; the commands ``sop pretrain`` / ``sop train-value
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
 
 from lakehouse import DEMONSTRATIONS, STEPS, Lakehouse
 from learner.algorithms import make_algorithm
-from learner.batch import LABEL, Batch, BatchBuilder, Row
+from learner.batch import LABEL, Batch, BatchBuilder, Row, Source
 from learner.config import ModelConfig, RecapConfig, SamplerConfig, TrainConfig, ValueConfig
 from learner.feeder import DeltaFeeder, FeederConfig
 from learner.model import VLAPolicy
@@ -22,7 +23,8 @@ from learner.quarantine import RowSpec
 from learner.sampler import AdaptiveSampler, Prefetcher
 from learner.text import TextEmbedder
 from learner.trainer import Learner
-from learner.value import ValueModel, train_value
+from learner.value import ValueModel, ValueRuntime, train_value
+from rewards.recap import episode_targets, epsilon_for_share
 
 StepCallback = Callable[[int, dict[str, float]], None]
 
@@ -38,6 +40,9 @@ class OfflineResult:
     episodes: dict[str, int]  # per table
     rows: dict[str, dict[str, dict[str, int]]]  # per task and source, rows in the buffers
     losses: list[float] = field(default_factory=list)
+    # RECAP with a value model: the per-task threshold and the share of demonstration steps that were positive
+    epsilons: dict[str, float] = field(default_factory=dict)
+    positive_share: dict[str, float] = field(default_factory=dict)
 
 
 def _feed(lake: Lakehouse, sampler: AdaptiveSampler, tables: tuple[str, ...],
@@ -54,22 +59,45 @@ def _feed(lake: Lakehouse, sampler: AdaptiveSampler, tables: tuple[str, ...],
 def pretrain_policy(lake: Lakehouse, text: TextEmbedder, *, steps: int, model: ModelConfig | None = None,
                     train: TrainConfig | None = None, sampler: SamplerConfig | None = None,
                     recap: RecapConfig | None = None, tasks: tuple[str, ...] | None = None,
+                    value: ValueRuntime | None = None, value_name: str = "sop-value",
                     on_step: StepCallback | None = None) -> OfflineResult:
     """Behaviour cloning of a fresh policy on the demonstrations only, for ``steps`` updates.
 
-    With ``train.algorithm == "recap"`` the demonstrations count as positive and the indicator is dropped
-    at RECAP's rate, so the base policy acts both conditioned on "positive" and unconditioned.
-    Returns the trained model (the EMA of its weights when ``train.ema_decay > 0``).
+    With ``train.algorithm == "recap"`` and a (frozen) ``value`` model, this is RECAP's pretraining: every
+    demonstration step gets its value ``V(o_t)`` and N-step advantage from that model (:func:`value_demonstrations`),
+    each task's threshold ``epsilon`` is set so that ``recap.target_positive_share`` of its demonstration steps are
+    positive, and the policy is trained conditioned on the indicator ``A > epsilon`` (dropped at RECAP's rate, so
+    the unconditioned policy is learned too). Without a value model the demonstrations all count as positive
+    (``recap.demos_always_positive``). Returns the trained model (the EMA of its weights when ``train.ema_decay > 0``).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1; got {steps}")
     model_cfg = model or ModelConfig()
     train_cfg = train or TrainConfig()
-    algorithm = make_algorithm(train_cfg.algorithm, recap, seed=train_cfg.seed)
+    recap_cfg = recap or RecapConfig()
+    conditioned = train_cfg.algorithm == "recap" and value is not None
+    if conditioned:
+        # The demonstrations are expert-driven (controller HUMAN): here their advantage decides, not who drove.
+        recap_cfg = replace(recap_cfg, demos_always_positive=False, human_always_positive=False)
+    algorithm = make_algorithm(train_cfg.algorithm, recap_cfg, seed=train_cfg.seed)
     build = BatchBuilder(model_cfg.encoder, text, chunk=model_cfg.chunk, action_dim=model_cfg.action_dim)
-    buffers = AdaptiveSampler(sampler or SamplerConfig(), build, chunk=model_cfg.chunk, accept=algorithm.accepts,
-                              spec=RowSpec.for_policy(model_cfg))
+    common: dict[str, Any] = {"chunk": model_cfg.chunk, "accept": algorithm.accepts,
+                              "spec": RowSpec.for_policy(model_cfg)}
+    if conditioned and value is not None:
+        buffers: AdaptiveSampler = _ValuedSampler(sampler or SamplerConfig(), build, value=value, recap=recap_cfg,
+                                                  source=f"value_model:{value_name}/{value.version}", **common)
+    else:
+        buffers = AdaptiveSampler(sampler or SamplerConfig(), build, **common)
     feeder = _feed(lake, buffers, (DEMONSTRATIONS.name,), tasks)
+    epsilons: dict[str, float] = {}
+    positive: dict[str, float] = {}
+    if conditioned:
+        for task, (adv, _human) in buffers.advantages("offline").items():
+            known = adv[np.isfinite(adv)]
+            if known.size:
+                epsilons[task] = epsilon_for_share(known, recap_cfg.target_positive_share)
+                positive[task] = float((known > epsilons[task]).mean())
+        algorithm.set_epsilons(epsilons)  # type: ignore[attr-defined]
     torch.manual_seed(train_cfg.seed)  # the initial weights too: the same data and settings give the same base
     policy = VLAPolicy(model_cfg)
     with Prefetcher(buffers, depth=buffers.config.prefetch_batches) as batches:
@@ -78,7 +106,39 @@ def pretrain_policy(lake: Lakehouse, text: TextEmbedder, *, steps: int, model: M
     stats = feeder.stats()
     return OfflineResult(model=learner.policy_to_publish().cpu().eval(), versions=feeder.versions(),
                          episodes={t: p.episodes_added for t, p in stats.tables.items()},
-                         rows=buffers.sizes(), losses=losses)  # type: ignore[arg-type]
+                         rows=buffers.sizes(), losses=losses, epsilons=epsilons,  # type: ignore[arg-type]
+                         positive_share=positive)
+
+
+def value_demonstrations(rows: Sequence[Mapping[str, Any]], value: ValueRuntime, recap: RecapConfig, *,
+                         source: str) -> list[dict[str, Any]]:
+    """One stored episode's rows with ``value`` = V(o_t) and ``advantage`` = the N-step advantage from the frozen
+    value model, as the stream processor computes them for online steps (same rewards, normalisation, tail)."""
+    ordered = sorted(rows, key=lambda r: r["step_index"])
+    if not ordered:
+        return []
+    task = str(ordered[0]["task"])
+    values = np.asarray(value.values_for_rows(ordered), dtype=np.float64)
+    targets = episode_targets(str(ordered[0]["outcome"]), len(ordered), max_episode_length=recap.max_steps(task),
+                              c_fail=recap.failure_penalty(task), n_step=recap.n_step, values=values,
+                              timeout_is_failure=recap.timeout_is_failure)
+    if targets.advantages is None:  # cannot happen with values given; keeps the types honest
+        raise ValueError("no advantages computed")
+    return [{**r, "value": float(v), "advantage": float(a), "advantage_source": source}
+            for r, v, a in zip(ordered, values, targets.advantages, strict=True)]
+
+
+class _ValuedSampler(AdaptiveSampler):
+    """The sampler of RECAP's pretraining: each demonstration episode is valued by the frozen model as it enters."""
+
+    def __init__(self, *args: Any, value: ValueRuntime, recap: RecapConfig, source: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._value, self._recap, self._source = value, recap, source
+
+    def add_episode(self, rows: Sequence[Mapping[str, Any]], *, source: Source) -> int:
+        admitted = self.admit(rows, source=source)  # a row the value model cannot read is quarantined first
+        return super().add_episode(value_demonstrations(admitted, self._value, self._recap, source=self._source),
+                                   source=source)
 
 
 def pretrain_value(lake: Lakehouse, text: TextEmbedder, *, steps: int, value: ValueConfig | None = None,

@@ -167,3 +167,28 @@ def quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def value_version(shared: Settings, tracking_uri: str | None = None) -> str | None:
+    """The ``sop-value`` version RECAP computes values with, as the stream processor picks it: the pinned
+    ``SOP_VALUE_MODEL_VERSION`` (which must exist), else the ``champion`` alias, else the newest; None if none."""
+    from mlflow.exceptions import MlflowException
+
+    from infra.registry import registry_client
+
+    client = registry_client(tracking_uri or shared.tracking_uri)
+    name = shared.value_model_name
+    if shared.value_model_version is not None:
+        try:
+            return str(client.get_model_version(name, str(shared.value_model_version)).version)
+        except MlflowException:
+            raise SettingsError(f"SOP_VALUE_MODEL_VERSION: {name} has no version {shared.value_model_version}") from None
+    try:
+        return str(client.get_model_version_by_alias(name, "champion").version)
+    except MlflowException:
+        pass
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    return str(max(int(v.version) for v in versions)) if versions else None

@@ -1,7 +1,12 @@
 """The closed loop on one machine (`sop run`): stack, demonstrations, base policy, processor, learner, fleet.
 
-    up → demos (if missing) → pretrain (if no champion) → process + learn + N actors → live view
+    up → demos (if missing) → [RECAP: value model (if none registered)] → pretrain (if no champion)
+       → process + learn + N actors → live view
        → stop at the duration / target success / Ctrl-C → drain → report (Markdown + PNG, also in MLflow)
+
+RECAP as the paper runs it: the distributional value model is trained before the loop on the demonstrations and
+any closed online episodes (`sop train-value`), the base policy is pretrained conditioned on its advantages
+(`sop pretrain --algorithm recap`), and the processor is pinned to that value version (frozen while the loop runs).
 
 Each part runs as its own `sop` child process, exactly as it would on its own machine against a shared
 Kafka / Delta / MLflow; this module only starts, watches and stops them.
@@ -81,6 +86,20 @@ def _champion(settings: Settings) -> str | None:
         return None
 
 
+def _champion_algorithm(settings: Settings) -> str | None:
+    """The algorithm the champion was trained with (its lineage), if it says."""
+    from mlflow.exceptions import MlflowException
+
+    from infra.registry import registry_client
+
+    try:
+        version = registry_client(settings.tracking_uri).get_model_version_by_alias(settings.policy_model_name,
+                                                                                   settings.policy_alias)
+    except MlflowException:
+        return None
+    return version.tags.get("lineage.algorithm")
+
+
 def _demo_rows(settings: Settings) -> int:
     lake = Lakehouse(settings.lake_root, storage_options=settings.lake_storage_options or None)
     if not lake.exists("demonstrations"):
@@ -107,6 +126,7 @@ class ClosedLoop:
         self.started_at = time.time()
         self.stop_reason = ""
         self.site_env: dict[str, str] = {}  # under the cluster profile: every endpoint, explicitly, for the children
+        self.value_version: str | None = None  # RECAP: the frozen sop-value version the processor is pinned to
 
     # -- steps -----------------------------------------------------------------------------------
     def _child(self, name: str, args: list[str], *, settings: dict | None = None,
@@ -132,7 +152,7 @@ class ClosedLoop:
         if name.startswith("actor"):
             return {"SOP_LAKE_STORAGE_OPTIONS": "{}"}
         role = "processor" if name.startswith("processor") else "learner" if name.startswith(
-            ("learner", "pretrain")) else None
+            ("learner", "pretrain", "train-value")) else None
         options = stack.lake_role_options(self.settings, role) if role else None
         return {"SOP_LAKE_STORAGE_OPTIONS": json.dumps(options)} if options else {}
 
@@ -142,7 +162,8 @@ class ClosedLoop:
         if not self.settings.security:
             return {}
         role = next((r for prefix, r in (("processor", "processor"), ("learner", "learner"), ("pretrain", "learner"),
-                                         ("actor", "actor")) if name.startswith(prefix)), None)
+                                         ("train-value", "learner"), ("actor", "actor")) if name.startswith(prefix)),
+                    None)
         creds = stack.role_env(self.settings, role) if role else {"MLFLOW_TRACKING_USERNAME": "",
                                                                   "MLFLOW_TRACKING_PASSWORD": ""}
         return {"SOP_SECURITY": "true", **creds}
@@ -203,10 +224,30 @@ class ClosedLoop:
                                                                                             written=written))
                 per_task.finish()
         self.console.print(f"[green]demonstrations[/] {_demo_rows(self.settings):,} steps")
+        if self.config.algorithm == "recap":
+            self.value_version = self._value_model()
         if _champion(self.settings) is None:
             self._run_to_end("pretrain", ["pretrain", "--algorithm", self.config.algorithm, "--no-eval"])
+        elif self.config.algorithm == "recap" and _champion_algorithm(self.settings) not in (None, "recap"):
+            self.console.print(f"[yellow]the champion was trained with {_champion_algorithm(self.settings)}, not "
+                               "RECAP: this run continues from it (a fresh SOP_RUN_DIR gives a RECAP-pretrained base)[/]")
         self.console.print(f"[green]base policy[/] {self.settings.policy_model_name}@{self.settings.policy_alias}"
                            f" = v{_champion(self.settings)}")
+
+    def _value_model(self) -> str:
+        """RECAP's value model: the registered one (pinned by SOP_VALUE_MODEL_VERSION, else the champion, else the
+        newest), or one trained now on the demonstrations and the closed online episodes there are."""
+        from sop.learner_settings import value_version
+
+        found = value_version(self.settings)
+        if found is None:
+            self._run_to_end("train-value", ["train-value"])
+            found = value_version(self.settings)
+            if found is None:
+                raise RuntimeError("`sop train-value` ended without registering a value model")
+        self.console.print(f"[green]value model[/] {self.settings.value_model_name} v{found} (frozen: the processor "
+                           "computes every advantage with this version)")
+        return found
 
     def start(self) -> None:
         from sop.actor_settings import load_actor_settings
@@ -218,8 +259,9 @@ class ClosedLoop:
         ports = plan_ports({"processor": (self.settings.processor_metrics_port, len(self.processor_names)),
                             "learner": (load_learner_settings().learn_metrics_port, 1),
                             "actor": (load_actor_settings().actor_metrics_port, cfg.actors)})
+        pin = {"value_model_version": self.value_version} if self.value_version is not None else {}
         for name, port in zip(self.processor_names, ports["processor"], strict=True):
-            self.children[name] = self._child(name, ["process"], settings={"processor_metrics_port": port},
+            self.children[name] = self._child(name, ["process"], settings={"processor_metrics_port": port, **pin},
                                               principal="sop-processor").start()
         if cfg.learn_online:
             self.children["learner"] = self._child("learner", [

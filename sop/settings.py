@@ -124,6 +124,10 @@ class Settings(BaseSettings):
     mlflow_ui_port: int = Field(5000, ge=1, lt=65536)
     policy_model_name: str = "sop-policy"
     value_model_name: str = "sop-value"
+    value_model_version: int | None = Field(None, ge=1, description=(
+        "The sop-value version the processor (and RECAP's pretraining) computes values with, pinned: a replay with "
+        "a new value model, or a run whose value model must stay frozen; unset = the champion alias, else the "
+        "newest version."))
     policy_alias: str = "champion"
 
     # Prometheus endpoints (infra.metrics): every long-running process serves one

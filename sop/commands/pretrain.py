@@ -2,6 +2,10 @@
 
 Registers it as a new `sop-policy` version and moves `champion` to it; `--eval` then measures its success per
 task on held-out seeded episodes (the same `evaluate_policy` that `sop eval` uses) and records it on the version.
+
+`--algorithm recap` is RECAP's pretraining: the demonstrations are valued by the registered value model (`sop
+train-value` first; the version `SOP_VALUE_MODEL_VERSION` pins, else `sop-value@champion`, else the newest) and
+the policy is trained conditioned on each step's advantage indicator (``learner.pretrain.pretrain_policy``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from sop.learner_settings import (
     prepare_registry,
     quiet_mlflow,
     text_encoder,
+    value_version,
 )
 from sop.progress import ProgressFile, progress_bars
 from sop.settings import load_settings
@@ -28,7 +33,8 @@ BAR = "behaviour cloning"
 @click.command("pretrain")
 @click.option("--steps", type=int, default=None, help="Behaviour-cloning steps (SOP_PRETRAIN_STEPS).")
 @click.option("--algorithm", type=click.Choice(["hg-dagger", "recap"]), default=None,
-              help="recap also trains the 'positive'-conditioned policy (default SOP_LEARN_ALGORITHM).")
+              help="recap: condition on the value model's advantage indicator, as RECAP does (needs a registered "
+                   "sop-value: `sop train-value`); default SOP_LEARN_ALGORITHM.")
 @click.option("--tasks", default=None, help="Comma-separated tasks (default: every task in the table).")
 @click.option("--eval/--no-eval", "evaluate", default=False, help="Evaluate the base policy on held-out seeds.")
 @click.option("--eval-episodes", type=int, default=None, help="Episodes per task of --eval (SOP_EVAL_EPISODES).")
@@ -65,15 +71,27 @@ def command(steps: int | None, algorithm: str | None, tasks: str | None, evaluat
     lake = open_lake(shared)
     text = text_encoder(shared)
     client = registry_client(tracking_uri)
+    value = None
+    if train.algorithm == "recap":
+        from learner.loading import load_version
+
+        found = value_version(shared, tracking_uri)
+        if found is None:
+            raise click.ClickException(f"RECAP's pretraining conditions on the advantages of a value model, and "
+                                       f"{shared.value_model_name} has no version: run `sop train-value` first")
+        progress_out.update(BAR, note=f"loading {shared.value_model_name} v{found}")
+        value = load_version(shared.value_model_name, found, tracking_uri=tracking_uri).runtime
     exp_id = experiment_id(client, "sop")
     run_id = client.create_run(exp_id, run_name="pretrain", tags={"sop.role": "pretrain"}).info.run_id
     client.log_param(run_id, "model", json.dumps(to_dict(model_cfg)))
     client.log_param(run_id, "train", json.dumps(to_dict(train)))
     client.log_param(run_id, "steps", settings.pretrain_steps)
-    progress_out.update(BAR, note="reading the demonstrations")
+    reading = "reading the demonstrations" + (f" (valued by {shared.value_model_name} v{value.version})"
+                                              if value is not None else "")
+    progress_out.update(BAR, note=reading)
     try:
         with progress_bars(console, transient=True) as bar:
-            job = bar.add_task(BAR, total=settings.pretrain_steps, note="reading the demonstrations")
+            job = bar.add_task(BAR, total=settings.pretrain_steps, note=reading)
 
             def on_step(step: int, metrics: dict[str, float]) -> None:
                 if step % 25 == 0 or step == settings.pretrain_steps:
@@ -84,7 +102,7 @@ def command(steps: int | None, algorithm: str | None, tasks: str | None, evaluat
 
             result = pretrain_policy(lake, text, steps=settings.pretrain_steps, model=model_cfg, train=train,
                                      sampler=settings.sampler_config(), recap=recap, tasks=task_list,
-                                     on_step=on_step)
+                                     value=value, value_name=shared.value_model_name, on_step=on_step)
     except NoDemonstrations as exc:
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         raise click.ClickException(str(exc)) from None
@@ -94,6 +112,9 @@ def command(steps: int | None, algorithm: str | None, tasks: str | None, evaluat
     lineage = {"phase": "pretrain", "algorithm": train.algorithm, "learner_step": settings.pretrain_steps,
                "delta_versions": result.versions, "demonstration_episodes": result.episodes.get("demonstrations", 0),
                "demonstration_rows": {t: s["offline"] for t, s in result.rows.items()}, "run_id": run_id}
+    if value is not None:  # RECAP: which value model labelled the demonstrations, and how
+        lineage.update(value_model=f"{shared.value_model_name}/{value.version}", epsilons=result.epsilons,
+                       positive_share=result.positive_share)
     version = registry.register_policy(result.model, alias=None, metrics={"loss": final_loss}, lineage=lineage,
                                        tracking_uri=tracking_uri, embeddings=text.table(), condition=condition,
                                        cfg_beta=recap.cfg_beta, experiment="sop", run_id=run_id,
@@ -101,6 +122,10 @@ def command(steps: int | None, algorithm: str | None, tasks: str | None, evaluat
     if not no_promote:
         promote(version, name=shared.policy_model_name, tracking_uri=tracking_uri, alias=shared.policy_alias,
                 reason="pretrain")
+    if value is not None:
+        shares = ", ".join(f"{t} {p:.2f}" for t, p in sorted(result.positive_share.items()))
+        console.print(f"[green]RECAP[/] demonstrations valued by {shared.value_model_name} v{value.version}; "
+                      f"positive share per task: {shares}")
     console.print(f"[green]registered[/] {shared.policy_model_name} v{version} "
                   f"({'champion' if not no_promote else 'alias unchanged'}); loss {final_loss:.4f}, "
                   f"{sum(s['offline'] for s in result.rows.values())} demonstration steps over "

@@ -61,6 +61,7 @@ def processor_config(settings: Settings, **overrides: object):  # noqa: ANN201 -
         vacuum_retention_hours=settings.processor_vacuum_retention_hours,
         tracking_uri=settings.tracking_uri,
         value_model_name=settings.value_model_name, value_architectures=value_architectures(),
+        value_model_version=None if settings.value_model_version is None else str(settings.value_model_version),
         reward=RewardConfig(max_episode_length=settings.max_episode_steps, c_fail=settings.recap_c_fail,
                             advantage_horizon=settings.recap_advantage_horizon),
         metrics_file=settings.run_path / "processor" / f"metrics-{settings.processor_group}@{socket.gethostname()}-{os.getpid()}.json",

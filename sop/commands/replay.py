@@ -2,6 +2,7 @@
 re-publish dead letters onto the topics they came from.
 
     sop replay kafka --from 2026-11-24T10:00 --into /tmp/rebuilt --c-fail 200
+    sop replay kafka --into /tmp/rebuilt --value-version 3     # advantages from a better value model
     sop replay publish --from-table demonstrations --where "task = 'drawer-open-v3'"
     sop replay deadletter --reason unknown-schema          # after the processor learnt the new schema
 """
@@ -74,22 +75,56 @@ def command() -> None:
 @click.option("--into", "into", required=True, help="Root of the new Delta tables (must not be the live lake).")
 @click.option("--c-fail", type=float, default=None, help="RECAP failure penalty for the rebuilt tables.")
 @click.option("--advantage-horizon", type=int, default=None, help="N of the N-step advantage.")
+@click.option("--value-version", type=click.IntRange(min=1), default=None,
+              help="Compute values and advantages with this registered sop-value version (e.g. a better one trained "
+                   "with `sop train-value --no-promote`); default: the champion, else the newest, as `sop process`.")
 @click.option("--timeout", "timeout_s", default=1800.0, show_default=True, help="Give up after this many seconds.")
 def replay_kafka(from_: str, to: str, into: str, c_fail: float | None, advantage_horizon: int | None,
-                 timeout_s: float) -> None:
+                 value_version: int | None, timeout_s: float) -> None:
     """Re-process the topics' history into a fresh set of tables, without touching the live ones."""
     settings = load_settings()
     if same_root(into, settings.lake_root):
         raise click.BadParameter(f"--into {into} is the live lake ({settings.lake_root}); give a new table root")
     console = Console()
-    report = replay_into(settings, into=into, from_=from_, to=to, c_fail=c_fail,
-                         advantage_horizon=advantage_horizon, timeout_s=timeout_s, console=console)
-    console.print(f"replayed {report['messages']:,} messages into {into} in {report['elapsed_s']:.1f}s")
+    report = replay_into(settings, into=into, from_=from_, to=to, c_fail=c_fail, advantage_horizon=advantage_horizon,
+                         value_version=value_version, timeout_s=timeout_s, console=console)
+    values = f"; values from {report['value_model']}" if report.get("value_model") else ""
+    console.print(f"replayed {report['messages']:,} messages into {into} in {report['elapsed_s']:.1f}s{values}")
+
+
+def _check_value_version(settings: Settings, version: int) -> str:
+    """The ``advantage_source`` every rebuilt row must carry; refuses a version the registry does not have."""
+    from mlflow.exceptions import MlflowException
+
+    from infra.registry import registry_client
+
+    try:
+        registry_client(settings.tracking_uri).get_model_version(settings.value_model_name, str(version))
+    except MlflowException:
+        raise click.BadParameter(f"{settings.value_model_name} has no version {version} in {settings.tracking_uri}",
+                                 param_hint="--value-version") from None
+    return f"value_model:{settings.value_model_name}/{version}"
+
+
+def _rows_not_from(into: str, settings: Settings, source: str) -> int:
+    from lakehouse import Lakehouse, query
+
+    lake = Lakehouse(into, storage_options=settings.lake_storage_options or None)
+    if not lake.exists("steps"):
+        return 0
+    escaped = source.replace("'", "''")
+    return int(query(lake, "SELECT count(*) FROM steps WHERE advantage_source IS NULL "
+                           f"OR advantage_source <> '{escaped}'").column(0)[0].as_py())
 
 
 def replay_into(settings: Settings, *, into: str, from_: str = "beginning", to: str = "end",
-                c_fail: float | None = None, advantage_horizon: int | None = None, timeout_s: float = 1800.0,
-                console: Console | None = None) -> dict:
+                c_fail: float | None = None, advantage_horizon: int | None = None, value_version: int | None = None,
+                timeout_s: float = 1800.0, console: Console | None = None) -> dict:
+    """Re-process ``[from_, to)`` of the input topics into the tables under ``into`` with a processor of its own
+    (consumer group ``sop-replay-…``). ``c_fail`` / ``advantage_horizon`` change the RECAP rewards and advantages;
+    ``value_version`` pins the ``sop-value`` version values come from (every rebuilt step row is checked to carry
+    it: a version the processor refused stops the replay with an error)."""
+    expected_source = None if value_version is None else _check_value_version(settings, value_version)
     bootstrap = settings.bootstrap()
     admin = AdminClient({"bootstrap.servers": bootstrap, **settings.kafka_client_config})
     group = f"sop-replay-{uuid.uuid4().hex[:8]}"
@@ -116,6 +151,8 @@ def replay_into(settings: Settings, *, into: str, from_: str = "beginning", to: 
         env["SOP_RECAP_C_FAIL"] = str(c_fail)
     if advantage_horizon is not None:
         env["SOP_RECAP_ADVANTAGE_HORIZON"] = str(advantage_horizon)
+    if value_version is not None:
+        env["SOP_VALUE_MODEL_VERSION"] = str(value_version)
     child = subprocess.Popen([sys.executable, "-m", "sop", "process", "--stop-offsets", str(stop_file)], env=env)
     t0 = time.monotonic()
     tps = [TopicPartition(t, p) for t in ends for p in ends[t]]
@@ -147,7 +184,13 @@ def replay_into(settings: Settings, *, into: str, from_: str = "beginning", to: 
         internal = [t for t in admin.list_topics(timeout=15).topics if t.startswith(f"{group}-")]
         if internal:
             admin.delete_topics(internal, operation_timeout=30)
-    return {"messages": done, "elapsed_s": time.monotonic() - t0, "group": group}
+    if expected_source is not None:
+        other = _rows_not_from(into, settings, expected_source)
+        if other:
+            raise click.ClickException(f"{other:,} rebuilt step rows did not get their values from {expected_source} "
+                                       f"(the processor refused it? see its log); the tables under {into} are "
+                                       "incomplete as a rebuild with that value model")
+    return {"messages": done, "elapsed_s": time.monotonic() - t0, "group": group, "value_model": expected_source}
 
 
 @command.command("publish")

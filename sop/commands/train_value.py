@@ -11,7 +11,6 @@ import json
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from sop.learner_settings import (
     load_learner_settings,
@@ -20,14 +19,19 @@ from sop.learner_settings import (
     quiet_mlflow,
     text_encoder,
 )
+from sop.progress import ProgressFile, progress_bars
 from sop.settings import load_settings
+
+BAR = "value model"
 
 
 @click.command("train-value")
 @click.option("--steps", type=int, default=None, help="Gradient steps (SOP_VALUE_STEPS).")
 @click.option("--tasks", default=None, help="Comma-separated tasks (default: every task in the tables).")
 @click.option("--no-promote", is_flag=True, help="Register the version without moving the champion alias.")
-def command(steps: int | None, tasks: str | None, no_promote: bool) -> None:
+@click.option("--progress-file", type=click.Path(dir_okay=False), default=None,
+              help="Also write the progress (step, loss) to this JSON file, for a parent process to show (sop run).")
+def command(steps: int | None, tasks: str | None, no_promote: bool, progress_file: str | None) -> None:
     """Train the value model on demonstrations + closed online episodes and register it (`sop-value@champion`)."""
     import torch
     from mlflow.entities import Metric, RunStatus
@@ -47,6 +51,8 @@ def command(steps: int | None, tasks: str | None, no_promote: bool) -> None:
     value_cfg = settings.value_config()
     train = settings.train_config(lr=settings.value_lr, ema_decay=0.0)
     console = Console()
+    progress_out = ProgressFile(progress_file)
+    progress_out.update(BAR, completed=0, total=settings.value_steps, note="loading the text encoder")
     tracking_uri = prepare_registry(shared)
     client = registry_client(tracking_uri)
     run_id = client.create_run(experiment_id(client, "sop"), run_name="train-value",
@@ -54,14 +60,17 @@ def command(steps: int | None, tasks: str | None, no_promote: bool) -> None:
     client.log_param(run_id, "value_model", json.dumps(to_dict(value_cfg)))
     client.log_param(run_id, "steps", settings.value_steps)
     text = text_encoder(shared)
+    reading = "reading demonstrations and closed online episodes"
+    progress_out.update(BAR, note=reading)
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      TextColumn("{task.fields[loss]}"), console=console, transient=True) as bar:
-            job = bar.add_task("value model", total=settings.value_steps, loss="")
+        with progress_bars(console, transient=True) as bar:
+            job = bar.add_task(BAR, total=settings.value_steps, note=reading)
 
             def on_step(step: int, metrics: dict[str, float]) -> None:
-                if step % 25 == 0:
-                    bar.update(job, completed=step, loss=f"loss {metrics['value_loss']:.4f}")
+                if step % 25 == 0 or step == settings.value_steps:
+                    note = f"loss {metrics['value_loss']:.4f}"
+                    bar.update(job, completed=step, note=note)
+                    progress_out.update(BAR, completed=step, note=note)
                     client.log_batch(run_id, metrics=[Metric(k, float(v), 0, step) for k, v in metrics.items()])
 
             result = pretrain_value(open_lake(shared), text, steps=settings.value_steps, value=value_cfg, train=train,
@@ -70,6 +79,7 @@ def command(steps: int | None, tasks: str | None, no_promote: bool) -> None:
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         raise click.ClickException(str(exc)) from None
     final = sum(result.losses[-100:]) / len(result.losses[-100:])
+    progress_out.update(BAR, completed=settings.value_steps, note=f"loss {final:.4f} (last 100 steps); registering")
     lineage = {"phase": "value", "delta_versions": result.versions, "episodes": result.episodes,
                "rows": result.rows, "steps": settings.value_steps, "run_id": run_id}
     version = registry.register_value(result.model, name=shared.value_model_name, alias=None,

@@ -1,4 +1,6 @@
-"""The whole loop, small: `sop run` on a fresh run directory, as a newcomer would start it."""
+"""The whole loop, small: `sop run --algorithm recap` on a fresh run directory, as a newcomer would start it (the
+other e2e runs use HG-DAgger, the default): value model trained and frozen before the loop, RECAP-pretrained base,
+every advantage from that value model."""
 
 from __future__ import annotations
 
@@ -67,12 +69,12 @@ def test_sop_run_registers_versions_actors_follow_and_ctrl_c_loses_nothing(tmp_p
     run_dir = tmp_path / "run"
     actor_port = _two_free_ports()
     env = {**os.environ, "SOP_RUN_DIR": str(run_dir), "SOP_KAFKA_PORT": "0", "SOP_PRETRAIN_STEPS": "40",
-           "SOP_LEARN_PUBLISH_EVERY": "20", "SOP_ACTOR_IMAGE_SIZE": "48", "SOP_TOPIC_PARTITIONS": "2",
+           "SOP_VALUE_STEPS": "30", "SOP_LEARN_PUBLISH_EVERY": "20", "SOP_ACTOR_IMAGE_SIZE": "48", "SOP_TOPIC_PARTITIONS": "2",
            "SOP_ACTOR_METRICS_PORT": str(actor_port)}
     log = open(tmp_path / "sop-run.log", "w")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(
         [sys.executable, "-m", "sop", "run", "--actors", "2", "--minutes", "8", "--demos-per-task", "2",
-         "--tasks", "drawer-open-v3,reach-v3", "--keep-stack"],
+         "--tasks", "drawer-open-v3,reach-v3", "--algorithm", "recap", "--keep-stack"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 600
@@ -125,6 +127,16 @@ def test_sop_run_registers_versions_actors_follow_and_ctrl_c_loses_nothing(tmp_p
         assert f"v{ran[0]}–v{ran[-1]} ({len(ran)} versions)" in report and "Autonomous success" in report
         run_log = (tmp_path / "sop-run.log").read_text()
         assert "behaviour cloning" in run_log and "loss" in run_log, run_log[-3000:]  # pretraining showed progress
+        assert "value model" in run_log and "sop-value v1 (frozen" in run_log, run_log[-3000:]
+
+        # RECAP as the paper runs it: the value model was trained before the loop (on the demonstrations), the base
+        # policy pretrained on its advantages, and every stored advantage comes from that one frozen version.
+        values = client.search_model_versions("name = 'sop-value'")
+        assert [str(v.version) for v in values] == ["1"] and values[0].tags["lineage.phase"] == "value"
+        base_tags = client.get_model_version("sop-policy", str(base)).tags
+        assert base_tags["lineage.algorithm"] == "recap" and base_tags["lineage.value_model"] == "sop-value/1"
+        sources = query(lake, "SELECT advantage_source, count(*) AS n FROM steps GROUP BY 1").to_pylist()
+        assert sources == [{"advantage_source": "value_model:sop-value/1", "n": steps["n"]}], sources
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

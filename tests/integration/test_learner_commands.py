@@ -61,15 +61,28 @@ def test_pretrain_train_value_promote_rollback(env: str, tmp_path: Path) -> None
     tags = MlflowClient(uri).get_model_version("sop-policy", "1").tags
     assert json.loads(tags["sop.eval"])["episodes_per_task"] == 1
 
-    out = sop("train-value")
+    refused = CliRunner().invoke(cli, ["pretrain", "--algorithm", "recap", "--no-promote"])
+    assert refused.exit_code != 0 and "sop train-value" in refused.output  # RECAP's pretraining needs a value model
+    progress = tmp_path / "value-progress.json"
+    out = sop("train-value", "--progress-file", str(progress))
     assert champion(uri, "sop-value") == "1"
+    bar = json.loads(progress.read_text())["bars"]["value model"]  # what `sop run --algorithm recap` shows
+    assert bar["completed"] == bar["total"] == 20 and "loss" in bar["note"]
     value = registry.load_version("sop-value", "1", tracking_uri=uri)
     assert value.lineage["episodes"] == {"demonstrations": 4, "steps": 4}  # online returns too
 
+    out = sop("pretrain", "--algorithm", "recap", "--no-promote")
+    assert "valued by sop-value v1" in out
+    recap_base = registry.load_version("sop-policy", "2", tracking_uri=uri)
+    assert recap_base.lineage["algorithm"] == "recap" and recap_base.lineage["value_model"] == "sop-value/1"
+    assert set(recap_base.lineage["epsilons"]) == {"drawer-open-v3", "box-close-v3"}
+    assert all(0.2 <= share <= 0.4 for share in recap_base.lineage["positive_share"].values())
+    assert recap_base.runtime.condition == "positive"
+
     sop("pretrain", "--no-promote")
     assert champion(uri) == "1"
-    sop("promote", "--version", "2")
-    assert champion(uri) == "2"
+    sop("promote", "--version", "3")
+    assert champion(uri) == "3"
     out = sop("rollback")
     assert champion(uri) == "1" and "pinned" in out
     assert CliRunner().invoke(cli, ["rollback"]).exit_code != 0  # nothing earlier than v1

@@ -115,6 +115,96 @@ def test_replay_of_the_whole_topic_gives_the_same_rows(kafka, topics, tmp_path, 
     ecols = "episode_id, outcome, num_steps, num_interventions, human_steps, mc_return"
     assert query(Lakehouse(str(rebuilt)), f"SELECT {ecols} FROM episodes ORDER BY 1").to_pylist() == \
         query(Lakehouse(str(lake)), f"SELECT {ecols} FROM episodes ORDER BY 1").to_pylist()
+    _replay_with_a_new_value_model_and_c_fail(lake, tmp_path, proc.env)
+
+
+C_FAIL = 60.0  # the live tables used the default, max_episode_steps = 150
+
+
+def _replay_with_a_new_value_model_and_c_fail(lake, tmp_path, env: dict[str, str]) -> None:  # noqa: ANN001
+    """A team trained a better value model (v1; v2 is newer and the champion) and changes C_fail: the rebuilt tables
+    differ from the live ones (advantages from the running baseline, C_fail 150) exactly in the cells whose reward
+    or values changed, and everywhere else they are the same, cell for cell."""
+    import numpy as np
+    import torch
+    from click.testing import CliRunner
+
+    from infra.mlflow_local import ensure_experiment
+    from learner import registry
+    from learner.config import EncoderConfig, ValueConfig
+    from learner.synthetic import HashEmbedder
+    from learner.value import ValueModel, ValueRuntime
+    from producers.loadgen import INSTRUCTIONS
+    from sop.cli import cli
+
+    uri = env["SOP_MLFLOW_TRACKING_URI"]
+    ensure_experiment(uri, tmp_path / "mlartifacts")
+    texts = sorted(INSTRUCTIONS.values())
+    table = dict(zip(texts, HashEmbedder().embed(texts), strict=True))
+    models = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        models.append(ValueModel(ValueConfig(encoder=EncoderConfig(image_size=32, cnn_channels=(8, 16)),
+                                             hidden=(16,))).eval())
+        registry.register_value(models[-1], tracking_uri=uri, embeddings=table, experiment="sop")
+    value = ValueRuntime(models[0], HashEmbedder(), version="1")
+
+    rebuilt = tmp_path / "rebuilt-v1"
+    result = CliRunner().invoke(cli, ["replay", "kafka", "--into", str(rebuilt), "--c-fail", str(C_FAIL),
+                                      "--value-version", "1", "--timeout", "300"], env=env, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "values from value_model:sop-value/1" in result.output
+
+    def rows(root, table_name: str, order: str) -> list[dict]:  # noqa: ANN001
+        out = query(Lakehouse(str(root)), f"SELECT * FROM {table_name} ORDER BY {order}").to_pylist()
+        for r in out:
+            r.pop("ingest_time")  # when the row was written: the one column a rebuild cannot keep
+        return out
+
+    live, new = rows(lake, "steps", "episode_id, step_index"), rows(rebuilt, "steps", "episode_id, step_index")
+    assert [(r["episode_id"], r["step_index"]) for r in new] == [(r["episode_id"], r["step_index"]) for r in live]
+    # What the new reward and the new values predict for the RECAP columns, from their definitions.
+    predicted: list[dict] = []
+    by_episode: dict[str, list[dict]] = {}
+    for r in new:
+        by_episode.setdefault(r["episode_id"], []).append(r)
+    for steps in by_episode.values():
+        n, outcome = len(steps), steps[0]["outcome"]
+        reward = np.full(n, -1.0)
+        reward[-1] = 0.0 if outcome == "SUCCESS" else -C_FAIL  # loadgen's episodes end SUCCESS or TIMEOUT
+        scale = 150 + C_FAIL
+        r = reward / scale
+        v = value.values_for_rows(steps).astype(np.float64)
+        for t in range(n):
+            horizon = r[t:t + 50].sum() + (v[t + 50] if t + 50 < n else 0.0)
+            predicted.append({"reward": reward[t], "mc_return": r[t:].sum(), "value": v[t],
+                              "advantage": horizon - v[t], "advantage_source": "value_model:sop-value/1"})
+    recap_cols = ("reward", "mc_return", "value", "advantage")
+    changed, expected_changed = set(), set()
+    for i, (old, got, want) in enumerate(zip(live, new, predicted, strict=True)):
+        for col in old:
+            if col in recap_cols:
+                assert got[col] == pytest.approx(want[col], abs=1e-5), (col, got["episode_id"], got["step_index"])
+                if not np.isclose(want[col], old[col], atol=1e-9):
+                    expected_changed.add((i, col))
+            elif col == "advantage_source":
+                assert old[col] == "running_baseline" and got[col] == want[col]
+                expected_changed.add((i, col))
+            if col in recap_cols and not np.isclose(got[col], old[col], atol=1e-9) or \
+                    col not in recap_cols and got[col] != old[col]:
+                changed.add((i, col))
+    assert changed == expected_changed  # nothing else moved: not an action, image, outcome, offset or version
+    rewards_changed = {(new[i]["episode_id"], new[i]["step_index"]) for i, col in changed if col == "reward"}
+    assert rewards_changed == {(eid, len(s) - 1) for eid, s in by_episode.items() if s[0]["outcome"] != "SUCCESS"}
+    assert rewards_changed and sum(col == "value" for _, col in changed) == len(new)  # every value is the model's
+
+    live_eps, new_eps = rows(lake, "episodes", "episode_id"), rows(rebuilt, "episodes", "episode_id")
+    assert len(new_eps) == len(live_eps) == len(by_episode)
+    for old, got in zip(live_eps, new_eps, strict=True):
+        differs = {col for col in old if got[col] != old[col]}
+        timeout = old["outcome"] != "SUCCESS"
+        assert differs == ({"mc_return", "advantage_source"} if timeout else {"advantage_source"}), differs
+        assert got["mc_return"] == pytest.approx(-(old["num_steps"] - 1) - (C_FAIL if timeout else 0.0))
 
 
 def test_poisoned_message_is_dead_lettered_and_the_partition_keeps_moving(kafka, topics, tmp_path) -> None:

@@ -242,3 +242,32 @@ def test_the_processor_refuses_a_tampered_value_version_and_keeps_its_own(tracki
     assert source.version == "1" and "weights.safetensors has SHA-256" in source.refused["2"]
     np.testing.assert_array_equal(source("reach-v3", rows), expected)  # still the version it had
     assert RegistryValueSource(tracking_uri=tracking_uri, poll_s=1e-9).version is None  # no architectures: none
+
+
+def test_a_pinned_value_version_is_the_only_one_the_processor_loads(tracking_uri: str,
+                                                                    rng: np.random.Generator) -> None:
+    """A replay with a new value model (`--value-version`) or a frozen RECAP run: newer versions and the champion
+    alias do not move it."""
+    from consumers.values import RegistryValueSource
+    from sop.architectures import value_architectures
+
+    kw = {"tracking_uri": tracking_uri, "embeddings": embeddings(), "experiment": EXPERIMENT}
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(ValueModel(ValueConfig(encoder=ENC, hidden=(64,))).eval())
+        registry.register_value(models[-1], **kw)  # v1, v2, v3; the last is the champion
+    rows = make_episode("reach-v3", 5, rng)
+    source = RegistryValueSource(tracking_uri=tracking_uri, pinned="2", poll_s=1e-9,
+                                 architectures=value_architectures())
+    source.refresh()
+    assert source.version == "2" and source.source_label == "value_model:sop-value/2"
+    expected = ValueRuntime(models[1], HashEmbedder(), version="x").values_for_rows(rows)
+    np.testing.assert_array_equal(source("reach-v3", rows), expected)
+    source.refresh()
+    source.settle()
+    assert source.version == "2"  # the champion (v3) is not taken up later either
+    missing = RegistryValueSource(tracking_uri=tracking_uri, pinned="9", poll_s=1e-9,
+                                  architectures=value_architectures())
+    missing.refresh()
+    assert missing.version is None and missing.source_label is None  # not some other version instead
