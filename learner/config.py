@@ -167,6 +167,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 = publish the raw weights; e.g. 0.995 publishes an EMA of them
     device: str = "cpu"
     num_threads: int | None = None  # torch intra-op threads on the CPU; None leaves torch's default
+    retain_memory: bool = True  # keep freed heap memory for the next step (trainer.retain_freed_memory)
     seed: int = 0
 
     def __post_init__(self) -> None:

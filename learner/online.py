@@ -42,7 +42,7 @@ from mlflow.tracking import MlflowClient
 
 from infra.registry import experiment_id, registry_client, version_complete, versions_tagged
 from lakehouse import Lakehouse, LakehouseError, is_transient_storage_error, storage_backoff
-from learner import registry
+from learner import registry, trainer_state
 from learner.algorithms import Recap, make_algorithm
 from learner.batch import BatchBuilder
 from learner.config import ConfigError, ModelConfig, RecapConfig, SamplerConfig, TrainConfig, to_dict
@@ -185,8 +185,10 @@ class _Publishing:
 
     def __init__(self, *, config: LearnConfig, tracking_uri: str | None, text: TextEmbedder,
                  lineage: Callable[[], dict[str, Any]], condition: str, cfg_beta: float, run_id: str | None,
-                 gate: PromotionGate | None, parent: str | None) -> None:
+                 gate: PromotionGate | None, parent: str | None, state_dir: Path | None = None) -> None:
         self.config = config
+        self.state_dir = state_dir
+        self.pending_states: dict[int, trainer_state.TrainerState] = {}  # learner step -> snapshot taken with it
         self.tracking_uri = tracking_uri
         self.text = text
         self.lineage = lineage
@@ -205,6 +207,8 @@ class _Publishing:
         self._lock = threading.Lock()
 
     def __call__(self, model: VLAPolicy, step: int, metrics: Mapping[str, float]) -> str | None:
+        with self._lock:
+            state = self.pending_states.pop(step, None)
         lineage = {**self.lineage(), "learner_step": step, "parent_version": self.parent}
         if self.run_id is not None:
             lineage["run_id"] = self.run_id  # with the step, what makes a retried registration find its own
@@ -237,6 +241,11 @@ class _Publishing:
         with self._lock:
             self.versions.append(version)
             self.parent = version
+        if state is not None and self.state_dir is not None:
+            try:
+                trainer_state.save(self.state_dir, state, version=version)
+            except OSError as exc:  # the version is registered; a resume would start Adam afresh
+                log.warning("saving the trainer state of version %s failed: %s", version, exc)
         try:
             if self.config.promotion == "auto":
                 if not pinned(name=self.config.policy_name, tracking_uri=self.tracking_uri):
@@ -300,9 +309,13 @@ def run_learning(config: LearnConfig, *, lake: Lakehouse, tracking_uri: str | No
                  status_path: Path | None = None, stop: threading.Event | None = None,
                  dist_info: DistInfo | None = None,
                  on_status: Callable[[dict[str, Any]], None] | None = None,
-                 prometheus: LearnerMetrics | None = None) -> LearnSummary:
+                 prometheus: LearnerMetrics | None = None, state_dir: Path | None = None) -> LearnSummary:
     """Learn until stopped (see the module doc); returns what happened. ``prometheus``: observed after every step
-    and given every status (rank 0's is what `sop learn` serves)."""
+    and given every status (rank 0's is what `sop learn` serves). ``state_dir``: where Adam's moments and the
+    loss windows are kept with the version they belong to (``learner.trainer_state``); default beside the status
+    file, none without one."""
+    if state_dir is None and status_path is not None:
+        state_dir = status_path.parent
     stop = stop or threading.Event()
     info = dist_info
     main = info is None or info.is_main
@@ -391,13 +404,30 @@ def run_learning(config: LearnConfig, *, lake: Lakehouse, tracking_uri: str | No
                     if config.promotion == "gated" else None)
             publishing = _Publishing(config=config, tracking_uri=tracking_uri, text=text, lineage=lineage,
                                      condition=algorithm.condition, cfg_beta=config.recap.cfg_beta, run_id=run_id,
-                                     gate=gate, parent=resumed.version)
+                                     gate=gate, parent=resumed.version, state_dir=state_dir)
             publisher = AsyncPublisher(publishing)
         prefetcher = Prefetcher(sampler, depth=sampler_cfg.prefetch_batches).start()
         model.to(train_cfg.device)  # DDP wraps a module already on its device
         forward = DDPPolicy(model, info) if info is not None else None
-        learner = Learner(model, algorithm, prefetcher, train_cfg, feedback=sampler, publish=publisher,
+        publish: Callable[..., Any] | None = None
+        if publisher is not None:
+            async_publish = publisher
+
+            def publish(policy: VLAPolicy, step: int, step_metrics: Mapping[str, float]) -> Any:
+                if publishing is not None and publishing.state_dir is not None:  # with the weights, same step
+                    publishing.pending_states[step] = trainer_state.snapshot(learner_ref[0], sampler)
+                return async_publish(policy, step, step_metrics)
+
+        learner = Learner(model, algorithm, prefetcher, train_cfg, feedback=sampler, publish=publish,
                           omega=sampler.omega, start_step=resumed.step, forward_model=forward)
+        learner_ref = [learner]
+        # every rank restores the same moments (rank 0 wrote them; ranks share the run's directory)
+        restored = state_dir is not None and trainer_state.restore(state_dir, learner, sampler,
+                                                                   version=resumed.version)
+        status["trainer_state_restored"] = restored
+        if resumed.version is not None:
+            log.info("resumed from %s v%s at step %d; optimizer state and loss windows %s", config.policy_name,
+                     resumed.version, resumed.step, "restored" if restored else "start afresh")
         status["state"] = "running"
         train_start = last_status = last_gate = time.monotonic()
         window_start, window_steps = time.monotonic(), 0
@@ -450,8 +480,8 @@ def run_learning(config: LearnConfig, *, lake: Lakehouse, tracking_uri: str | No
                     now - last_gate >= config.gate.check_interval_s:
                 publisher.submit(publishing.check_gate)
                 last_gate = now
-        if publisher is not None and learner.steps % train_cfg.publish_every and done > 0:
-            publisher(learner.policy_to_publish(), learner.steps, metrics)  # the last steps are not lost
+        if publish is not None and learner.steps % train_cfg.publish_every and done > 0:
+            publish(learner.policy_to_publish(), learner.steps, metrics)  # the last steps are not lost
         if publisher is not None:
             publisher.close()
             publisher = None

@@ -111,6 +111,12 @@ class LossWindow:
         if finite.size:
             self._entries.append((step, float(finite.sum()), int(finite.size)))
 
+    def entries(self) -> list[tuple[int, float, int]]:
+        return list(self._entries)
+
+    def restore(self, entries: Iterable[tuple[int, float, int]]) -> None:
+        self._entries = deque(entries)
+
     def mean(self, now: int) -> float | None:
         while self._entries and self._entries[0][0] <= now - self.steps:
             self._entries.popleft()
@@ -209,6 +215,22 @@ class AdaptiveSampler:
         with self._lock:
             self.step += 1
 
+    def window_state(self) -> dict[str, Any]:
+        """The loss windows and the step counter, JSON-ready (what a resumed learner restores)."""
+        with self._lock:
+            return {"step": self.step, "windows": [[task, source, window.steps, list(map(list, window.entries()))]
+                                                   for (task, source), window in self._windows.items()]}
+
+    def restore_windows(self, state: Mapping[str, Any]) -> None:
+        """Put back what ``window_state`` returned (replacing the current windows)."""
+        with self._lock:
+            self.step = int(state.get("step", 0))
+            self._windows = {}
+            for task, source, steps, entries in state.get("windows", []):
+                window = LossWindow(int(steps))
+                window.restore([(int(s), float(total), int(n)) for s, total, n in entries])
+                self._windows[(str(task), _checked_source(source))] = window
+
     # ---- sampling ------------------------------------------------------------------------------------
     def losses(self) -> dict[str, tuple[float | None, float | None]]:
         """``(l_on, l_off)`` per task over the current window."""
@@ -305,6 +327,11 @@ def _equal_counts(n: int, tasks: int, rng: np.random.Generator) -> list[int]:
     for i in rng.choice(tasks, size=n % tasks, replace=False):
         counts[int(i)] += 1
     return counts
+
+
+def _checked_source(source: str) -> Source:
+    _check_source(source)
+    return "online" if source == "online" else "offline"
 
 
 def _check_source(source: str) -> None:
