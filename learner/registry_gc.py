@@ -20,7 +20,7 @@ own statistics are computed from. An episode reaches the table only once it clos
 grace on alias moves covers: an actor switches only to a version an alias points at.
 
 In auto mode every version becomes champion, so nothing is collected there; the collection matters in gated
-mode (``SOP_LEARN_GC_KEEP_LAST``; the learner's publishing thread runs it after gate checks, at most every
+mode (``SOP_REGISTRY_GC_KEEP_LAST``; the learner's publishing thread runs it after gate checks, at most every
 ``every_s``) and by hand (``sop registry gc``). A deleted version's files go with it (its logged model's
 artifacts, where the artifact store allows deleting).
 """
