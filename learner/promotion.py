@@ -520,16 +520,17 @@ class PromotionGate:
         at = time.time()
         record = {**verdict.as_dict(), "candidate": self.pending, "champion": champion, "at": at,
                   "alpha": self.config.alpha, "tolerance": self.config.tolerance}
+        decision: Decision = verdict.decision
+        if decision == "promote":  # first, so whoever sees the verdict sees the champion moved
+            reason = f"gate: {verdict.why} (candidate {self.pending} vs champion {champion})"
+            if not promote_unless_pinned(self.pending, name=self.name, tracking_uri=self.tracking_uri,
+                                         alias=self.champion_alias, reason=reason):
+                record["pinned"] = True
+                log.warning("candidate %s passed the gate, but the champion is pinned; not promoted", self.pending)
         client.set_model_version_tag(self.name, self.pending, GATE_TAG, json.dumps(record, default=str))
         append_log(client, self.name, {"event": "gate", "alias": self.champion_alias, "version": self.pending,
                                        "decision": verdict.decision, "champion": champion, "why": verdict.why,
                                        "z": self.last["z"], "at": at})
-        decision: Decision = verdict.decision
-        if decision == "promote":
-            reason = f"gate: {verdict.why} (candidate {self.pending} vs champion {champion})"
-            if not promote_unless_pinned(self.pending, name=self.name, tracking_uri=self.tracking_uri,
-                                         alias=self.champion_alias, reason=reason):
-                log.warning("candidate %s passed the gate, but the champion is pinned; not promoted", self.pending)
         log.info("gate: %s %s (%s)", decision, self.pending, verdict.why)
         self.decisions.append((self.pending, decision))
         self.recent.append(_Decided(self.pending, decision, at, verdict.why))
