@@ -1,7 +1,7 @@
 """`sop registry`: the model registry's versions and its users.
 
     sop registry convert [--name sop-policy] [--version V]     # first-format (pickled) versions -> data, once
-    sop registry gc --keep-last 50 [--dry-run]                 # delete versions nobody needs (learner.registry_gc)
+    sop registry gc --keep-last 50 [--dry-run]                 # delete versions nobody needs (learner.promotion.RegistryGC)
     sop registry history                                       # moves, roll-backs and gate decisions
     sop registry user add robot-17 --role actor                # a registry user with a role's permissions
     sop registry user remove robot-17                          # revoke it (a lost or retired robot)
@@ -65,9 +65,8 @@ def convert(names: tuple[str, ...], version: str | None) -> None:
 @click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
 def gc(keep_last: int | None, active_minutes: float | None, dry_run: bool) -> None:
     """Delete sop-policy versions that are not among the newest, never were champion, no alias points at and no
-    actor runs (see learner/registry_gc.py)."""
-    from learner.promotion import LiveSuccess
-    from learner.registry_gc import GCConfig, RegistryGC
+    actor runs (see GC_DOC in learner/promotion.py)."""
+    from learner.promotion import GCConfig, LiveSuccess, RegistryGC
     from sop.learner_settings import load_learner_settings, open_lake, prepare_registry
 
     settings = load_settings()

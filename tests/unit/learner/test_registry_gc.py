@@ -9,8 +9,7 @@ from lakehouse import Lakehouse
 from learner import registry
 from learner.config import EncoderConfig, ModelConfig
 from learner.model import VLAPolicy
-from learner.promotion import LiveSuccess, promote
-from learner.registry_gc import GCConfig, RegistryGC, running_versions, versions_to_delete
+from learner.promotion import GCConfig, LiveSuccess, RegistryGC, promote, running_versions, versions_to_delete
 from learner.synthetic import episode_summary, write_rows
 
 
