@@ -50,7 +50,7 @@ from learner.ddp import DDPPolicy, DistInfo, any_rank, barrier, broadcast
 from learner.feeder import DeltaFeeder, FeederConfig, wait_for_rows
 from learner.metrics import LearnerMetrics
 from learner.model import VLAPolicy
-from learner.promotion import GateConfig, PromotionGate, pinned, promote
+from learner.promotion import GateConfig, PromotionGate, promote_unless_pinned
 from learner.quarantine import RowSpec
 from learner.sampler import AdaptiveSampler, Prefetcher
 from learner.text import TextEmbedder
@@ -248,9 +248,8 @@ class _Publishing:
                 log.warning("saving the trainer state of version %s failed: %s", version, exc)
         try:
             if self.config.promotion == "auto":
-                if not pinned(name=self.config.policy_name, tracking_uri=self.tracking_uri):
-                    promote(version, name=self.config.policy_name, tracking_uri=self.tracking_uri,
-                            alias=self.config.champion_alias, reason=f"auto: learner step {step}")
+                promote_unless_pinned(version, name=self.config.policy_name, tracking_uri=self.tracking_uri,
+                                      alias=self.config.champion_alias, reason=f"auto: learner step {step}")
             elif self.gate is not None:
                 self.gate.offer(version)
         except Exception as exc:  # noqa: BLE001 - the version is registered; the next one moves the alias

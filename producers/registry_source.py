@@ -6,7 +6,8 @@
     policy = source.current()                      # then: the newest loaded version, never blocks
     source.version, source.history, source.refused # what runs, every switch, every refused version
 
-A background thread resolves ``models:/NAME@ALIAS`` every ``poll_interval_s``. When the alias points at
+A background thread resolves ``models:/NAME@ALIAS`` every ``poll_interval_s`` (or, while that alias is unset,
+``fallback_alias``: a canary robot follows ``candidate`` and plays the champion until there is one). When the alias points at
 a version that is neither running nor refused, the thread downloads it, checks the SHA-256 of every file
 against the version's tags (a tampered, incomplete or pickled version is refused before any file is read),
 builds it with this process's own code for its declared architecture (``RegistrySourceConfig.architectures``;
@@ -61,6 +62,8 @@ class RegistrySourceConfig:
     registry_uri: str | None = None  # None: the tracking URI
     model_name: str = DEFAULT_MODEL_NAME
     alias: str = DEFAULT_ALIAS
+    # followed while ``alias`` is not set (a canary follows ``candidate``, and ``champion`` before any candidate)
+    fallback_alias: str | None = None
     poll_interval_s: float = 0.5
     action_dim: int = 4
     download_root: str | None = None  # None: a temporary directory, removed by close()
@@ -75,6 +78,9 @@ class RegistrySourceConfig:
             raise ValueError(
                 f"RegistrySourceConfig.model_name and alias must be non-empty, got {self.model_name!r}@{self.alias!r}"
             )
+        if self.fallback_alias is not None and self.fallback_alias in ("", self.alias):
+            raise ValueError(f"RegistrySourceConfig.fallback_alias must be another alias than {self.alias!r}, got "
+                             f"{self.fallback_alias!r}")
         if not self.poll_interval_s > 0:
             raise ValueError(f"RegistrySourceConfig.poll_interval_s must be > 0, got {self.poll_interval_s}")
         if self.action_dim < 1:
@@ -371,10 +377,16 @@ class RegistryPolicySource:
         return self._client
 
     def _resolve_with_mlflow(self) -> str | None:
+        version = self._resolve_alias(self.config.alias)
+        if version is None and self.config.fallback_alias is not None:
+            return self._resolve_alias(self.config.fallback_alias)
+        return version
+
+    def _resolve_alias(self, alias: str) -> str | None:
         from mlflow.exceptions import MlflowException
 
         try:
-            found = self._mlflow_client().get_model_version_by_alias(self.config.model_name, self.config.alias)
+            found = self._mlflow_client().get_model_version_by_alias(self.config.model_name, alias)
         except MlflowException as exc:
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(exc):
                 return None  # nothing registered under that name or alias yet

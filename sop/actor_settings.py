@@ -55,6 +55,10 @@ class ActorSettings(BaseSettings):
 
     # following the registry
     actor_poll_interval_s: float = Field(0.5, gt=0, le=60, description="How often actors poll the registry alias.")
+    actor_alias: str | None = Field(None, description=(
+        "The registry alias this robot follows; unset = SOP_POLICY_ALIAS (champion). A canary follows candidate."))
+    actor_fallback_alias: str | None = Field(None, description=(
+        "Followed while SOP_ACTOR_ALIAS is not set in the registry (a canary: champion)."))
     actor_policy_wait_s: float = Field(120.0, gt=0, description="How long `sop actor` waits for a first loadable version.")
     actor_retry_refused_after_s: float | None = Field(
         None, gt=0, description="Retry a refused version after this long; unset = never.")

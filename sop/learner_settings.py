@@ -34,8 +34,16 @@ class LearnerSettings(BaseSettings):
     learn_promotion: Literal["auto", "gated"] = Field(
         "auto", description="auto: every version becomes champion; gated: candidate, promoted on live success.")
     gate_min_episodes: int = Field(20, ge=1, description="Live episodes of a candidate before the gate judges it.")
-    gate_tolerance: float = Field(0.0, ge=0, lt=1, description="How much worse a candidate may be and pass.")
+    gate_tolerance: float = Field(0.0, ge=0, lt=1, description=(
+        "The margin: how much worse (autonomous success, takeover rate) a candidate may be and pass."))
+    gate_alpha: float = Field(0.05, gt=0, lt=0.5, description="Level of the gate's one-sided test, per metric.")
     gate_check_s: float = Field(5.0, gt=0)
+    registry_gc_keep_last: int = Field(50, ge=0, description=(
+        "Gated mode: registry garbage collection keeps the newest N versions besides every champion, aliased and "
+        "running one (0 = no collection)."))
+    registry_gc_active_s: float = Field(900.0, ge=0, description=(
+        "A version that played an episode, or that an alias moved to, this recently counts as running."))
+    registry_gc_every_s: float = Field(60.0, gt=0, description="Seconds between collections.")
     candidate_alias: str = "candidate"
 
     # the sampler

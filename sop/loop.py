@@ -8,6 +8,11 @@ RECAP as the paper runs it: the distributional value model is trained before the
 any closed online episodes (`sop train-value`), the base policy is pretrained conditioned on its advantages
 (`sop pretrain --algorithm recap`), and the processor is pinned to that value version (frozen while the loop runs).
 
+With ``promotion="gated"`` a canary share of the actors follows the ``candidate`` alias (the champion while
+there is none) and the learner's gate promotes or rejects each candidate on their live episodes
+(``learner.promotion``); with ``eval_every_s`` the champion is evaluated on held-out seeds with the operator
+off every so often (``sop.checkpoints``), and a target success is then judged on those checkpoints.
+
 Each part runs as its own `sop` child process, exactly as it would on its own machine against a shared
 Kafka / Delta / MLflow; this module only starts, watches and stops them.
 """
@@ -28,6 +33,7 @@ from rich.live import Live
 
 from lakehouse import Lakehouse, query
 from sop import stack
+from sop.checkpoints import HeldOutCheckpoints
 from sop.live import LiveFeed, episodes_since, gather, kafka_lag, render
 from sop.metrics import plan_ports
 from sop.processes import SopProcess
@@ -40,9 +46,15 @@ from sop.settings import Settings, site_environment
 class LoopConfig:
     actors: int = 2
     duration_s: float = 30 * 60
-    target_success: float | None = None  # stop early when every task's recent success reaches it
+    # stop early when every task reaches it: held-out success when checkpoints are measured, else recent
+    # autonomous success (no human step) over ``target_window`` episodes per task
+    target_success: float | None = None
     target_window: int = 20
     algorithm: str = "hg-dagger"
+    promotion: str = "auto"  # auto: every version becomes champion; gated: canaries play candidates first
+    canary_share: float = 0.25  # gated: the share of actors that follow the candidate (at least one)
+    eval_every_s: float | None = None  # held-out checkpoints (operator off) every so often; None: none
+    eval_episodes: int = 10  # held-out episodes per task of one checkpoint
     tasks: tuple[str, ...] | None = None  # None = the actors' default suite
     hz: float = 30.0
     operator: bool = True
@@ -70,8 +82,42 @@ class LoopConfig:
             problems.append(f"target success must be in (0, 1], got {self.target_success}")
         if self.algorithm not in ("hg-dagger", "recap"):
             problems.append(f"algorithm must be hg-dagger or recap, got {self.algorithm!r}")
+        if self.promotion not in ("auto", "gated"):
+            problems.append(f"promotion must be auto or gated, got {self.promotion!r}")
+        if not 0 < self.canary_share < 1:
+            problems.append(f"canary share must be in (0, 1), got {self.canary_share}")
+        if self.promotion == "gated" and self.actors < 2:
+            problems.append("gated promotion needs at least 2 actors: a canary on the candidate and one on the "
+                            "champion to compare it with")
+        if self.promotion == "gated" and not self.learn_online:
+            problems.append("gated promotion needs the learner (--learn)")
+        if self.eval_every_s is not None and not self.eval_every_s > 0:
+            problems.append(f"eval every must be > 0 minutes, got {self.eval_every_s / 60}")
+        if self.eval_episodes < 1:
+            problems.append(f"eval episodes must be >= 1, got {self.eval_episodes}")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+def canary_count(actors: int, share: float, promotion: str) -> int:
+    """Actors that follow the candidate: the share of the fleet, rounded, at least one and never all."""
+    if promotion != "gated":
+        return 0
+    return min(actors - 1, max(1, round(share * actors)))
+
+
+def target_reached(per_task: list[dict], held_out: dict | None, *, target: float, window: int,
+                   measuring_held_out: bool) -> str | None:
+    """Why the run may stop at its target success, or None. With held-out checkpoints measured, every task of the
+    latest must reach ``target``; without, every task's autonomous success over its last ``window`` episodes."""
+    if measuring_held_out:
+        if held_out and held_out["per_task"] and all(r >= target for r in held_out["per_task"].values()):
+            return (f"held-out success (operator off) of v{held_out['version']} reached {target} on every task "
+                    f"({held_out['episodes_per_task']} episodes per task)")
+        return None
+    if per_task and all(r["episodes"] >= window and (r.get("autonomous_recent") or 0) >= target for r in per_task):
+        return f"every task reached recent autonomous success {target} (last {window} episodes, no human step)"
+    return None
 
 
 def _champion(settings: Settings) -> str | None:
@@ -127,6 +173,7 @@ class ClosedLoop:
         self.stop_reason = ""
         self.site_env: dict[str, str] = {}  # under the cluster profile: every endpoint, explicitly, for the children
         self.value_version: str | None = None  # RECAP: the frozen sop-value version the processor is pinned to
+        self.checkpoints: HeldOutCheckpoints | None = None
 
     # -- steps -----------------------------------------------------------------------------------
     def _child(self, name: str, args: list[str], *, settings: dict | None = None,
@@ -162,8 +209,8 @@ class ClosedLoop:
         if not self.settings.security:
             return {}
         role = next((r for prefix, r in (("processor", "processor"), ("learner", "learner"), ("pretrain", "learner"),
-                                         ("train-value", "learner"), ("actor", "actor")) if name.startswith(prefix)),
-                    None)
+                                         ("train-value", "learner"), ("actor", "actor"), ("eval", "actor"))
+                     if name.startswith(prefix)), None)
         creds = stack.role_env(self.settings, role) if role else {"MLFLOW_TRACKING_USERNAME": "",
                                                                   "MLFLOW_TRACKING_PASSWORD": ""}
         return {"SOP_SECURITY": "true", **creds}
@@ -265,18 +312,34 @@ class ClosedLoop:
                                               principal="sop-processor").start()
         if cfg.learn_online:
             self.children["learner"] = self._child("learner", [
-                "learn", "--algorithm", cfg.algorithm, "--sampler", cfg.sampler, "--quiet", *cfg.learn_args]).start()
+                "learn", "--algorithm", cfg.algorithm, "--sampler", cfg.sampler, "--promotion", cfg.promotion,
+                "--quiet", *cfg.learn_args]).start()
         tasks = ["--tasks", ",".join(cfg.tasks)] if cfg.tasks else []
+        canaries = set(self.canary_ids)
+        candidate = load_learner_settings().candidate_alias
         for i, aid in enumerate(self.actor_ids):
+            follow = {"actor_alias": candidate, "actor_fallback_alias": self.settings.policy_alias} \
+                if aid in canaries else {}
             self.children[aid] = self._child(aid, [
                 "actor", "--actor-id", aid, "--hz", str(cfg.hz), "--seed-start", str(10_000 + i),
                 "--seed-stride", str(cfg.actors), "--operator" if cfg.operator else "--no-operator",
                 "--no-status", "--status-file", str(self.settings.run_path / "actors" / f"{aid}.json"),
-                *tasks, *cfg.actor_args], settings={"actor_metrics_port": ports["actor"][i]}, principal=aid).start()
+                *tasks, *cfg.actor_args], settings={"actor_metrics_port": ports["actor"][i], **follow},
+                principal=aid).start()
+        if cfg.eval_every_s is not None:
+            self.checkpoints = HeldOutCheckpoints(self._child, every_s=cfg.eval_every_s, episodes=cfg.eval_episodes,
+                                                  tasks=cfg.tasks, out_dir=self.settings.run_path / "checkpoints",
+                                                  run_started_s=self.started_at)
 
     @property
     def actor_ids(self) -> list[str]:
         return [f"actor-{i:02d}" for i in range(self.config.actors)]
+
+    @property
+    def canary_ids(self) -> list[str]:
+        """The actors that follow the candidate (the last ones)."""
+        n = canary_count(self.config.actors, self.config.canary_share, self.config.promotion)
+        return self.actor_ids[len(self.actor_ids) - n:] if n else []
 
     @property
     def processor_names(self) -> list[str]:
@@ -288,10 +351,10 @@ class ClosedLoop:
         if time.time() - self.started_at >= cfg.duration_s:
             self.stop_reason = f"duration of {cfg.duration_s / 60:.1f} min reached"
             return True
-        if cfg.target_success is not None and state.per_task and all(
-                r["episodes"] >= cfg.target_window and (r["success_recent"] or 0) >= cfg.target_success
-                for r in state.per_task):
-            self.stop_reason = f"every task reached recent success {cfg.target_success}"
+        if cfg.target_success is not None and (why := target_reached(
+                state.per_task, self.checkpoints.latest if self.checkpoints else None, target=cfg.target_success,
+                window=cfg.target_window, measuring_held_out=self.checkpoints is not None)):
+            self.stop_reason = why
             return True
         for name, child in self.children.items():
             if not child.running and (name == "learner" or name in self.processor_names):
@@ -307,12 +370,20 @@ class ClosedLoop:
         signals: list[int] = []
         previous = {sig: signal.signal(sig, lambda signum, _frame: signals.append(signum))
                     for sig in (signal.SIGINT, signal.SIGTERM)}
-        feed = LiveFeed(lambda: gather(self.settings, started_at_s=self.started_at, learner_status=learner_status),
+        checkpoints = self.checkpoints
+        feed = LiveFeed(lambda: gather(self.settings, started_at_s=self.started_at, learner_status=learner_status,
+                                       window=self.config.target_window,
+                                       held_out=(lambda: checkpoints.latest) if checkpoints else None),
                         every_s=self.config.refresh_s).start()
         try:
             with Live(console=self.console, refresh_per_second=1, transient=False) as live:
                 while not signals:
+                    if checkpoints is not None:
+                        checkpoints.tick()
                     state = feed.latest(elapsed_s=time.time() - self.started_at)
+                    if checkpoints is not None:
+                        state.held_out = checkpoints.latest
+                        state.notes += checkpoints.failures[-1:]
                     live.update(render(state, title=f"SOP — {self.config.algorithm}, {self.config.actors} actors"))
                     if self.done(state):
                         break
@@ -326,6 +397,9 @@ class ClosedLoop:
 
     def shutdown(self) -> None:
         """Actors first (their open episode ends ABORTED, publishers flush), then let the processor drain."""
+        if self.checkpoints is not None:
+            with self.console.status("held-out checkpoint: letting the running evaluation finish…"):
+                self.checkpoints.wait(timeout_s=120)
         with self.console.status("stopping actors…"):
             stop_together([child for name, child in self.children.items() if name.startswith("actor-")],
                           timeout_s=60)
@@ -351,13 +425,19 @@ class ClosedLoop:
         if episodes is None or episodes.num_rows == 0:
             self.console.print("[yellow]no episodes were closed during the run: no report[/]")
             return {}
+        extra: dict = {"stop_reason": self.stop_reason, "config": {
+            "actors": self.config.actors, "algorithm": self.config.algorithm, "duration_s": self.config.duration_s,
+            "hz": self.config.hz, "sampler": self.config.sampler, "promotion": self.config.promotion,
+            "canaries": self.canary_ids}}
+        if self.checkpoints is not None and self.checkpoints.results:
+            last = self.checkpoints.latest
+            assert last is not None
+            extra["held_out_checkpoints"] = self.checkpoints.results
+            extra["held_out"] = {"success": last["mean"], "note": f"v{last['version']} at minute {last['t_min']:.1f}, "
+                                 f"{last['episodes_per_task']} episodes per task, `sop eval`"}
         summary = write_report(episodes, out, started_at_s=self.started_at,
                                title=f"SOP run {stamp} — {self.config.algorithm}, {self.config.actors} actors",
-                               window=self.config.target_window,
-                               extra={"stop_reason": self.stop_reason, "config": {
-                                   "actors": self.config.actors, "algorithm": self.config.algorithm,
-                                   "duration_s": self.config.duration_s, "hz": self.config.hz,
-                                   "sampler": self.config.sampler}})
+                               window=self.config.target_window, extra=extra)
         self._log_to_mlflow(out, summary, stamp)
         self.console.print(f"[green]report[/] {out / 'report.md'}")
         return summary

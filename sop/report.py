@@ -5,9 +5,11 @@ directory afterwards (``sop run --report-only``) and the numbers match what SQL 
 
 Two success rates, because the operator is on during a run: *raw* success counts every successful episode,
 also those the operator rescued; *autonomous* success counts only episodes that succeeded with no human step
-(``human_steps = 0`` and no takeover). The headline is the autonomous one. Held-out success (operator off,
-seeds the fleet never saw) is not measured by a run: ``sop eval --version V`` measures it, and a caller that
-did can pass it in (``extra={"held_out": {...}}``).
+(``human_steps = 0`` and no takeover). The headline is the autonomous one; the takeover rate (episodes with any
+human step) is beside it, per task and per policy version. ABORTED episodes (a robot stopped mid-episode, e.g.
+at the end of the run) say nothing about the policy: they are counted, not rated. Held-out success (operator
+off, seeds the fleet never saw) is measured by ``sop eval --version V``, or during the run by ``sop run
+--eval-every MIN`` (its checkpoints come in as ``extra={"held_out_checkpoints": [...], "held_out": {...}}``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Curves:
     autonomous: np.ndarray  # succeeded with no human step
     version: np.ndarray  # registry version number (None where the episode's policy had none)
     version_text: np.ndarray
+    aborted: int = 0  # ABORTED episodes, left out of the arrays
 
 
 EPISODE_COLUMNS = ["end_time", "task", "outcome", "num_interventions", "human_steps", "policy_version",
@@ -38,18 +41,34 @@ EPISODE_COLUMNS = ["end_time", "task", "outcome", "num_interventions", "human_st
 
 
 def curves(episodes: pa.Table, *, started_at_s: float) -> Curves:
-    rows = sorted(upgrade(episodes).select(EPISODE_COLUMNS).to_pylist(), key=lambda r: r["end_time"])
+    every = sorted(upgrade(episodes).select(EPISODE_COLUMNS).to_pylist(), key=lambda r: r["end_time"])
+    rows = [r for r in every if r["outcome"] != "ABORTED"]
     helped = [r["num_interventions"] > 0 or (r["human_steps"] or 0) > 0 for r in rows]
     return Curves(
         t_min=np.array([(r["end_time"].timestamp() - started_at_s) / 60 for r in rows]),
         task=np.array([r["task"] for r in rows]),
         success=np.array([r["outcome"] == "SUCCESS" for r in rows], dtype=float),
-        intervened=np.array([r["num_interventions"] > 0 for r in rows], dtype=float),
+        intervened=np.array(helped, dtype=float),
         autonomous=np.array([r["outcome"] == "SUCCESS" and not h for r, h in zip(rows, helped, strict=True)],
                             dtype=float),
         version=np.array([r["policy_version"] for r in rows], dtype=object),
         version_text=np.array([r["policy_version_text"] for r in rows], dtype=object),
+        aborted=len(every) - len(rows),
     )
+
+
+def per_version(c: Curves, *, newest: int = 12) -> list[dict]:
+    """The newest ``newest`` policy versions that ran (by their last episode): episodes, autonomous success,
+    raw success, takeover rate."""
+    last: dict[str, int] = {}
+    for i, v in enumerate(c.version_text.tolist()):
+        last[str(v)] = i
+    out = []
+    for v in sorted(last, key=last.__getitem__, reverse=True)[:newest]:
+        m = c.version_text == v
+        out.append({"version": v, "episodes": int(m.sum()), "autonomous_success": float(c.autonomous[m].mean()),
+                    "success": float(c.success[m].mean()), "takeover_rate": float(c.intervened[m].mean())})
+    return out
 
 
 def version_range(c: Curves) -> dict:
@@ -99,7 +118,7 @@ def summary(c: Curves, *, window: int = 20) -> dict:
             "autonomous_success_last_window": float(c.autonomous[m][-window:].mean()) if m.any() else None,
             "intervention_rate_last_window": float(c.intervened[m][-window:].mean()) if m.any() else None,
         }
-    span_h = max(1e-9, (c.t_min[-1] - c.t_min[0]) / 60) if len(c.t_min) > 1 else None
+    span_h = max(1e-9, (c.t_min[-1] - c.t_min[0]) / 60) if len(c.t_min) > 1 else None  # rated episodes
     overall_window = window * max(1, len(tasks))
     overall = rolling(c.success, overall_window)
     autonomous = rolling(c.autonomous, overall_window)
@@ -108,7 +127,8 @@ def summary(c: Curves, *, window: int = 20) -> dict:
         return float(np.mean([v[key] for v in per_task.values()])) if tasks else None
 
     return {
-        "episodes": len(c.t_min), "tasks": per_task,
+        "episodes": len(c.t_min) + c.aborted, "aborted": c.aborted, "tasks": per_task,
+        "per_version": per_version(c),
         "success_last_window_mean": mean_of("success_last_window"),
         "autonomous_success_last_window_mean": mean_of("autonomous_success_last_window"),
         "episodes_per_hour": len(c.t_min) / span_h if span_h else None,
@@ -144,6 +164,14 @@ def headline(s: dict, *, window: int) -> list[str]:
         f"Time to rolling autonomous success 0.8: **{_minutes(s['time_to_0.8_autonomous_min'])}** "
         f"(raw: {_minutes(s['time_to_0.8_min'])}). Held-out success (operator off): {held_text}.",
     ]
+
+
+def tasks_of(checkpoints: list[dict]) -> list[str]:
+    return sorted({t for cp in checkpoints for t in cp["per_task"]})
+
+
+def _rate(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def write_report(episodes: pa.Table, out_dir: Path, *, started_at_s: float, title: str, window: int = 20,
@@ -201,9 +229,22 @@ def write_report(episodes: pa.Table, out_dir: Path, *, started_at_s: float, titl
         t = s["tasks"][task]
         lines.append(f"| {task} | {t['episodes']} | {t['success_first_window']:.2f} | {t['success_last_window']:.2f} "
                      f"| {t['autonomous_success_last_window']:.2f} | {t['intervention_rate_last_window']:.2f} |")
+    lines += ["", "Per policy version (the newest that ran):", "",
+              "| version | episodes | autonomous success | raw success | takeover rate |", "|---|---|---|---|---|"]
+    lines += [f"| {v['version']} | {v['episodes']} | {v['autonomous_success']:.2f} | {v['success']:.2f} "
+              f"| {v['takeover_rate']:.2f} |" for v in s["per_version"]]
+    checkpoints = s.get("held_out_checkpoints") or []
+    if checkpoints:
+        lines += ["", "Held-out checkpoints (operator off, held-out seeds, `sop eval`), the champion at the time:", "",
+                  "| minute | version | " + " | ".join(tasks_of(checkpoints)) + " | mean |",
+                  "|---|---|" + "---|" * (len(tasks_of(checkpoints)) + 1)]
+        for cp in checkpoints:
+            lines.append(f"| {cp['t_min']:.1f} | v{cp['version']} | " + " | ".join(
+                _rate(cp["per_task"].get(t)) for t in tasks_of(checkpoints)) + f" | {_rate(cp['mean'])} |")
     eph = f"{s['episodes_per_hour']:.0f}" if s["episodes_per_hour"] else "-"
     lines += ["", f"Episodes per hour: {eph}. Raw success counts the episodes the operator rescued; autonomous "
-              "success only those that succeeded with no human step.", "",
+              "success only those that succeeded with no human step; the takeover rate counts episodes with any "
+              f"human step. ABORTED episodes (not rated): {s['aborted']}.", "",
               "![success](success_vs_time.png)", "", "![interventions](interventions_vs_time.png)", "",
               "![throughput](episodes_per_hour.png)", ""]
     (out_dir / "report.md").write_text("\n".join(lines))

@@ -1,6 +1,8 @@
 """`sop registry`: the model registry's versions and its users.
 
     sop registry convert [--name sop-policy] [--version V]     # first-format (pickled) versions -> data, once
+    sop registry gc --keep-last 50 [--dry-run]                 # delete versions nobody needs (learner.promotion.RegistryGC)
+    sop registry history                                       # moves, roll-backs and gate decisions
     sop registry user add robot-17 --role actor                # a registry user with a role's permissions
     sop registry user remove robot-17                          # revoke it (a lost or retired robot)
     eval "$(sop registry credentials --role learner)"          # this shell acts as the stack's learner
@@ -21,7 +23,7 @@ from sop.settings import load_settings
 
 @click.group("registry")
 def command() -> None:
-    """Model registry maintenance: convert old versions, manage users (security on)."""
+    """Model registry maintenance: convert old versions, garbage collection, history, users (security on)."""
 
 
 @command.command("convert")
@@ -51,6 +53,59 @@ def convert(names: tuple[str, ...], version: str | None) -> None:
                 console.print(f"[yellow]{name} v{v}: not converted: {exc}")
                 continue
             console.print(f"{name} v{v}: already data" if new is None else f"[green]{name} v{v} → v{new}")
+
+
+@command.command("gc")
+@click.option("--keep-last", type=int, default=None,
+              help="Newest versions kept besides every champion, aliased and running one [default: "
+                   "SOP_REGISTRY_GC_KEEP_LAST, or 50 when that is 0].")
+@click.option("--active-minutes", type=float, default=None,
+              help="A version that played an episode (Delta `episodes`) or that an alias moved to this recently counts "
+                   "as running [default: SOP_REGISTRY_GC_ACTIVE_S].")
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
+def gc(keep_last: int | None, active_minutes: float | None, dry_run: bool) -> None:
+    """Delete sop-policy versions that are not among the newest, never were champion, no alias points at and no
+    actor runs (see GC_DOC in learner/promotion.py)."""
+    from learner.promotion import GCConfig, LiveSuccess, RegistryGC
+    from sop.learner_settings import load_learner_settings, open_lake, prepare_registry
+
+    settings = load_settings()
+    learner = load_learner_settings()
+    config = GCConfig(keep_last=keep_last or learner.registry_gc_keep_last or 50,
+                      active_s=active_minutes * 60 if active_minutes is not None else learner.registry_gc_active_s)
+    collector = RegistryGC(config, name=settings.policy_model_name, tracking_uri=prepare_registry(settings),
+                           live=LiveSuccess(open_lake(settings)))
+    console = Console()
+    if dry_run:
+        doomed, total = collector.plan()
+        console.print(f"{settings.policy_model_name}: {len(doomed)} of {total} versions would be deleted"
+                      + (f": {', '.join(map(str, doomed))}" if doomed else ""))
+        return
+    result = collector.collect()
+    console.print(f"{settings.policy_model_name}: deleted {len(result.deleted)} version(s)"
+                  + (f" ({', '.join(map(str, result.deleted))})" if result.deleted else "") + f", kept {result.kept}")
+    for version, error in result.failed.items():
+        console.print(f"[yellow]v{version} not deleted: {error}")
+
+
+@command.command("history")
+@click.option("--limit", type=int, default=20, show_default=True, help="Newest entries shown.")
+def history(limit: int) -> None:
+    """The registry's history log: alias moves, roll-backs, restores and gate decisions, oldest first."""
+    from datetime import UTC, datetime
+
+    from learner.promotion import history_log
+    from sop.learner_settings import prepare_registry
+
+    settings = load_settings()
+    console = Console()
+    for e in history_log(name=settings.policy_model_name, tracking_uri=prepare_registry(settings))[-limit:]:
+        when = datetime.fromtimestamp(float(e.get("at") or 0), UTC).strftime("%Y-%m-%d %H:%M:%S")
+        if e.get("event") == "gate":
+            what = f"gate {e.get('decision')} v{e.get('version')} (champion v{e.get('champion')}): {e.get('why')}"
+        else:
+            what = f"{e.get('event')} {e.get('alias')} v{e.get('from')} → v{e.get('to')} ({e.get('reason')})"
+        console.print(f"{when}  {what}", highlight=False)
 
 
 def _admin_context():  # noqa: ANN202 - (settings, tracking URI, admin credentials)

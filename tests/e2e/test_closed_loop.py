@@ -1,6 +1,10 @@
-"""The whole loop, small: `sop run --algorithm recap` on a fresh run directory, as a newcomer would start it (the
-other e2e runs use HG-DAgger, the default): value model trained and frozen before the loop, RECAP-pretrained base,
-every advantage from that value model."""
+"""The whole loop, small: `sop run --algorithm recap --promotion gated` on a fresh run directory, as a newcomer would
+start it (the other e2e runs use HG-DAgger and auto promotion, the defaults).
+
+RECAP: value model trained and frozen before the loop, RECAP-pretrained base, every advantage from that value model.
+Gated promotion: a canary actor plays each candidate, the gate promotes a good one (the noisy scripted expert, put up
+by hand) and rejects a broken one (a policy whose zero weights make the arm do nothing), registry garbage collection
+runs, and held-out checkpoints (operator off) reach the report."""
 
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+import torch
 from confluent_kafka import Consumer
 from mlflow.tracking import MlflowClient
 
@@ -49,6 +55,54 @@ def _learner_version(run_dir: Path) -> int:
         return 0
 
 
+def _learner_status(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "learner" / "status.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _wait(what: str, predicate, timeout_s: float, proc: subprocess.Popen) -> None:  # noqa: ANN001
+    deadline = time.time() + timeout_s
+    while not predicate():
+        assert proc.poll() is None, f"sop run exited while waiting for {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(1)
+
+
+def _put_up(uri: str, version: str, run_dir: Path, proc: subprocess.Popen) -> None:
+    """Make ``version`` the candidate by hand, as `sop promote --alias candidate` does, until the gate judges it
+    (the learner may move the alias to its own next version in the same moment)."""
+    from learner.promotion import promote
+
+    def judged_or_pending() -> bool:
+        gate = _learner_status(run_dir).get("gate") or {}
+        if str(gate.get("pending")) == version or "sop.gate" in MlflowClient(uri).get_model_version(
+                "sop-policy", version).tags:
+            return True
+        promote(version, name="sop-policy", tracking_uri=uri, alias="candidate", reason="e2e: put up by hand")
+        return False
+
+    _wait(f"the gate to take v{version} as its candidate", judged_or_pending, 120, proc)
+
+
+def _broken_policy(uri: str, like: str) -> str:
+    """A version of ``like``'s architecture and instructions with every weight zero: the arm does nothing."""
+    from learner import registry
+
+    runtime = registry.load_version("sop-policy", like, tracking_uri=uri).runtime
+    with torch.no_grad():
+        for p in runtime.model.parameters():
+            p.zero_()
+    return registry.register_policy(runtime.model, alias=None, tracking_uri=uri, experiment="sop",
+                                    embeddings=runtime.text.as_dict())
+
+
+def _gate_tag(uri: str, version: str) -> dict | None:
+    tags = MlflowClient(uri).get_model_version("sop-policy", version).tags
+    return json.loads(tags["sop.gate"]) if "sop.gate" in tags else None
+
+
 def _two_free_ports() -> int:
     """A port P with P + 1 free too (for the two actors' fixed ports)."""
     for _ in range(50):
@@ -64,23 +118,50 @@ def _two_free_ports() -> int:
     raise RuntimeError("no two consecutive free ports")
 
 
+@pytest.mark.timeout(900)  # ~5 min on 2 cores; the gate waits for live episodes at 30 Hz
 def test_sop_run_registers_versions_actors_follow_and_ctrl_c_loses_nothing(tmp_path) -> None:
     """Ctrl-C as a terminal sends it: SIGINT to the whole foreground process group of `sop run`."""
     run_dir = tmp_path / "run"
     actor_port = _two_free_ports()
     env = {**os.environ, "SOP_RUN_DIR": str(run_dir), "SOP_KAFKA_PORT": "0", "SOP_PRETRAIN_STEPS": "40",
            "SOP_VALUE_STEPS": "30", "SOP_LEARN_PUBLISH_EVERY": "20", "SOP_ACTOR_IMAGE_SIZE": "48", "SOP_TOPIC_PARTITIONS": "2",
-           "SOP_ACTOR_METRICS_PORT": str(actor_port)}
+           "SOP_ACTOR_METRICS_PORT": str(actor_port), "SOP_GATE_MIN_EPISODES": "4",
+           "SOP_GATE_CHECK_S": "1", "SOP_REGISTRY_GC_KEEP_LAST": "3", "SOP_REGISTRY_GC_EVERY_S": "2",
+           "SOP_REGISTRY_GC_ACTIVE_S": "20"}
+    uri = f"sqlite:///{run_dir / 'mlflow.db'}"
     log = open(tmp_path / "sop-run.log", "w")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(
         [sys.executable, "-m", "sop", "run", "--actors", "2", "--minutes", "8", "--demos-per-task", "2",
-         "--tasks", "drawer-open-v3,reach-v3", "--algorithm", "recap", "--keep-stack"],
+         "--tasks", "drawer-open-v3,reach-v3", "--keep-stack", "--promotion", "gated", "--canary-share", "0.5",
+         "--eval-every", "1", "--eval-episodes", "2", "--algorithm", "recap"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 600
         while _learner_version(run_dir) < 3 and proc.poll() is None and time.time() < deadline:
             time.sleep(1)
         assert _learner_version(run_dir) >= 3, "the learner registered no versions after the base"
+        base = str(MlflowClient(uri).get_model_version_by_alias("sop-policy", "champion").version)
+        # a good candidate, put up by hand: the noisy scripted expert; the gate promotes it on the canary's episodes
+        from sim.expert_version import register_expert_policy
+
+        good = register_expert_policy(uri, noise_sigma=0.1, alias=None, artifact_location=str(run_dir / "mlartifacts"))
+        _put_up(uri, good, run_dir, proc)
+        _wait("the gate's verdict on the expert", lambda: _gate_tag(uri, good) is not None, 240, proc)
+        assert _gate_tag(uri, good)["decision"] == "promote", _gate_tag(uri, good)
+        assert str(MlflowClient(uri).get_model_version_by_alias("sop-policy", "champion").version) == good
+        # a broken candidate: zero weights, the arm does nothing and the operator rescues every episode
+        broken = _broken_policy(uri, base)
+        _put_up(uri, broken, run_dir, proc)
+        _wait("the gate's verdict on the broken policy", lambda: _gate_tag(uri, broken) is not None, 240, proc)
+        verdict = _gate_tag(uri, broken)
+        assert verdict["decision"] == "reject", verdict
+        assert str(MlflowClient(uri).get_model_version_by_alias("sop-policy", "champion").version) == good
+        def shown() -> set:  # what the live view reads: the learner's status file, rewritten every 2 s
+            return {(d["version"], d["decision"]) for d in (_learner_status(run_dir).get("gate") or {}).get("recent")
+                    or []}
+
+        _wait("the learner's status to show both decisions", lambda: shown() >= {(good, "promote"), (broken, "reject")},
+              30, proc)
         # every part serves its Prometheus endpoint; actor i on SOP_ACTOR_METRICS_PORT + i, the others on free ports
         found = announcements(run_dir / "metrics")
         assert sorted(a.role for a in found) == ["actor", "actor", "learner", "processor"], found
@@ -97,15 +178,34 @@ def test_sop_run_registers_versions_actors_follow_and_ctrl_c_loses_nothing(tmp_p
         assert json.loads((run_dir / "last-run.json").read_text())["stop_reason"] == "stopped by Ctrl-C"
         bootstrap = json.loads((run_dir / "kafka" / "broker.json").read_text())["bootstrap"]
 
-        client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+        client = MlflowClient(tracking_uri=uri)
         versions = client.search_model_versions("name = 'sop-policy'")
         assert len(versions) >= 3, "the base policy and at least two learner versions"
-        base = min(int(v.version) for v in versions)
-
         lake = Lakehouse(str(run_dir / "lake"))
         acted = query(lake, "SELECT DISTINCT actor_id, policy_version FROM episodes").to_pylist()
-        followed = {r["actor_id"] for r in acted if r["policy_version"] is not None and r["policy_version"] > base}
-        assert followed == {"actor-00", "actor-01"}, acted  # both actors switched to learner versions
+        followed = {r["actor_id"] for r in acted if r["policy_version"] is not None and r["policy_version"] > int(base)}
+        assert followed == {"actor-00", "actor-01"}, acted  # both actors switched to newer versions
+        played = {(r["actor_id"], str(r["policy_version"])) for r in acted}
+        assert ("actor-01", broken) in played and ("actor-00", broken) not in played  # only the canary ran it
+        assert ("actor-00", good) in played  # the rest of the fleet follows the champion once it is promoted
+
+        # the history log shows both decisions; garbage collection kept every champion, alias and running version
+        from learner.promotion import history_log
+
+        entries = history_log(name="sop-policy", tracking_uri=uri)
+        gates = {(e["version"], e["decision"]) for e in entries if e["event"] == "gate"}
+        assert {(good, "promote"), (broken, "reject")} <= gates, gates
+        left = {str(v.version) for v in versions}
+        champions = {str(e["to"]) for e in entries if e["event"] == "move" and e["alias"] == "champion"}
+        newest: dict[str, tuple] = {}
+        for r in query(lake, "SELECT actor_id, policy_version, end_time FROM episodes").to_pylist():
+            if r["actor_id"] not in newest or r["end_time"] > newest[r["actor_id"]][1]:
+                newest[r["actor_id"]] = (str(r["policy_version"]), r["end_time"])
+        running = {v for v, _ in newest.values()}
+        assert champions | {base, good} | running <= left
+        assert broken in left or broken not in running  # a rejected candidate goes once no actor runs it
+        registered = set(range(int(base), max(int(v) for v in left) + 1))
+        assert registered - {int(v) for v in left}, "garbage collection deleted nothing"
 
         in_delta = set(query(lake, "SELECT episode_id FROM episodes").column(0).to_pylist())
         published = _ended_episodes(bootstrap, "sop.episodes")
@@ -125,6 +225,9 @@ def test_sop_run_registers_versions_actors_follow_and_ctrl_c_loses_nothing(tmp_p
             {"first": ran[0], "last": ran[-1], "count": len(ran)}
         report = reports[0].read_text()
         assert f"v{ran[0]}–v{ran[-1]} ({len(ran)} versions)" in report and "Autonomous success" in report
+        assert summary["held_out_checkpoints"] and "Held-out checkpoints (operator off" in report
+        assert {c["version"] for c in summary["held_out_checkpoints"]} <= left
+        assert any(v["version"] == broken and v["autonomous_success"] == 0.0 for v in summary["per_version"])
         run_log = (tmp_path / "sop-run.log").read_text()
         assert "behaviour cloning" in run_log and "loss" in run_log, run_log[-3000:]  # pretraining showed progress
         assert "value model" in run_log and "sop-value v1 (frozen" in run_log, run_log[-3000:]

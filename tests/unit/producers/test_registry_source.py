@@ -290,3 +290,18 @@ def test_follows_a_real_mlflow_alias_and_refuses_broken_versions(tmp_path: Path)
     # only the running version and the one before it stay on disk
     kept = sorted(p.name.split("-")[0] for p in (tmp_path / "dl").iterdir())
     assert kept == ["v1", "v6"]
+
+
+def test_a_canary_follows_the_candidate_and_the_champion_while_there_is_none(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert register_expert_policy(uri, noise_sigma=0.0, artifact_location=str(tmp_path / "art")) == "1"  # champion
+    source = RegistryPolicySource(RegistrySourceConfig(tracking_uri=uri, alias="candidate", fallback_alias="champion",
+                                                       download_root=str(tmp_path / "dl"),
+                                                       architectures=ARCHITECTURES), probe=PROBE)
+    assert source.poll_once() is True and source.version == "1"  # no candidate yet: the champion
+    assert register_expert_policy(uri, noise_sigma=0.0, alias="candidate") == "2"
+    assert source.poll_once() is True and source.version == "2"
+    assert register_expert_policy(uri, noise_sigma=0.0, alias="champion") == "3"
+    assert source.poll_once() is False and source.version == "2"  # the candidate is set: the champion is not followed
+    with pytest.raises(ValueError, match="fallback_alias"):
+        RegistrySourceConfig(tracking_uri="x", alias="candidate", fallback_alias="candidate")

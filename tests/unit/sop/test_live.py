@@ -40,12 +40,51 @@ def test_episode_stats_per_task_version_actor_and_rate() -> None:
     assert by_task["push"]["success_recent"] == 0.5
     assert by_task["push"]["takeover_rate"] == 0.5
     assert [r["policy_version"] for r in stats["per_version"]] == ["2", "1"]  # newest episode first
-    assert stats["per_version"][1] == {"policy_version": "1", "episodes": 3, "success": pytest.approx(1 / 3)}
+    assert stats["per_version"][1] == {"policy_version": "1", "episodes": 3, "success": pytest.approx(1 / 3),
+                                       "autonomous": pytest.approx(1 / 3), "takeover_rate": pytest.approx(2 / 3)}
     assert stats["actors"] == [{"actor_id": "a0", "version": "2", "episodes": 3},
                                {"actor_id": "a1", "version": "2", "episodes": 2}]
     assert stats["episodes"] == 5
     assert stats["intervention_rate"] == pytest.approx(2 / 5)
     assert stats["episodes_per_hour"] == pytest.approx(3 * 3600 / 600)  # 3 ended in the last 10 minutes
+
+
+def test_autonomous_success_leaves_out_the_rescues_and_aborted_episodes() -> None:
+    table = episodes([
+        ("reach", "SUCCESS", 10, 2, "3", "a0"),  # rescued by the operator
+        ("reach", "SUCCESS", 20, 0, "3", "a0"),
+        ("reach", "SUCCESS", 30, 0, "4", "a1"),
+        ("reach", "FAILURE", 40, 0, "4", "a1"),
+        ("reach", "ABORTED", 50, 0, "4", "a1"),  # the robot was stopped: says nothing about the policy
+    ]).append_column("human_steps", pa.array([30, 0, 12, 0, 0], pa.int32()))  # human steps, no takeover event
+    stats = episode_stats(table, now_s=T0 + 60, elapsed_s=60, window=3)
+    (reach,) = stats["per_task"]
+    assert reach["success_all"] == 0.75 and reach["autonomous_all"] == 0.25 and reach["takeover_rate"] == 0.5
+    assert reach["autonomous_recent"] == 0.0 and reach["success_recent"] == 0.5  # last 3: two counted
+    by_version = {r["policy_version"]: r for r in stats["per_version"]}
+    assert by_version["3"]["autonomous"] == 0.5 and by_version["3"]["success"] == 1.0
+    assert by_version["4"]["autonomous"] == 0.0 and by_version["4"]["takeover_rate"] == 0.5
+    assert stats["autonomous_rate"] == 0.25
+
+
+def test_render_shows_the_gate_and_held_out() -> None:
+    from rich.console import Console
+
+    state = LiveState(per_task=[{"task": "reach", "episodes": 4, "success_recent": 1.0, "success_all": 1.0,
+                                 "autonomous_recent": 0.5, "autonomous_all": 0.5, "takeover_rate": 0.5,
+                                 "takeover_recent": 0.5}],
+                      per_version=[{"policy_version": "7", "episodes": 4, "success": 1.0, "autonomous": 0.0,
+                                    "takeover_rate": 1.0}],
+                      learner={"gate": {"pending": "9", "champion": "5", "candidate_episodes": 3, "min_episodes": 20,
+                                        "recent": [{"version": "7", "decision": "reject"},
+                                                   {"version": "5", "decision": "promote"}]}},
+                      held_out={"version": "5", "mean": 0.62, "t_min": 4.0, "per_task": {"reach": 0.62}})
+    console = Console(width=200, record=True)
+    console.print(render(state))
+    text = console.export_text()
+    assert "candidate v9 3/20 episodes" in text and "v7 rejected · v5 promoted" in text
+    assert "rejected" in text.split("per policy version")[1]  # v7's role in the version table
+    assert "held-out (operator off) v5 0.62" in text
 
 
 def test_episode_stats_no_rate_in_the_first_half_minute() -> None:

@@ -72,3 +72,18 @@ def test_the_report_names_the_range_not_every_version(tmp_path: Path) -> None:
     assert ", 17, " not in report and s["versions"]["count"] == 174
     assert "Held-out success (operator off): **0.71** (sop eval, 30 episodes per task)" in report
     assert (tmp_path / "success_vs_time.png").stat().st_size > 0
+
+
+def test_per_version_rates_held_out_checkpoints_and_aborted_episodes(tmp_path: Path) -> None:
+    rows = [("reach", "SUCCESS", 0, 0, "5"), ("reach", "SUCCESS", 1, 9, "6"), ("reach", "SUCCESS", 1, 9, "6"),
+            ("reach", "ABORTED", 0, 0, "6")]  # stopped at the end of the run: counted, not rated
+    checkpoints = [{"t_min": 2.0, "version": "5", "episodes_per_task": 4, "per_task": {"reach": 0.5}, "mean": 0.5}]
+    s = write_report(episodes(rows), tmp_path, started_at_s=T0, title="run", window=20,
+                     extra={"held_out_checkpoints": checkpoints})
+    assert s["episodes"] == 4 and s["aborted"] == 1
+    assert s["per_version"] == [
+        {"version": "6", "episodes": 2, "autonomous_success": 0.0, "success": 1.0, "takeover_rate": 1.0},
+        {"version": "5", "episodes": 1, "autonomous_success": 1.0, "success": 1.0, "takeover_rate": 0.0}]
+    report = (tmp_path / "report.md").read_text()
+    assert "| 6 | 2 | 0.00 | 1.00 | 1.00 |" in report
+    assert "| 2.0 | v5 | 0.50 | 0.50 |" in report and "ABORTED episodes (not rated): 1" in report
