@@ -58,16 +58,17 @@ class OneBatch:
         return self.batch
 
 
-def keep_writing(root: str, stop: Any) -> None:
+def keep_writing(root: str, stop: Any, image_size: int = 64, cameras: tuple[str, ...] = ("corner",)) -> None:
     """One closed episode per second into ``steps``, from another process (as the stream processor would)."""
     torch.set_num_threads(1)
     lake = Lakehouse(root)
-    frames = jpeg_pool(32, 64, seed=9)
+    frames = jpeg_pool(32, image_size, seed=9)
     rng = np.random.default_rng(5)
     i = 0
     while not stop.wait(1.0):
         write_rows(lake, "steps", synthetic_episode(TASKS[i % len(TASKS)], 100, rng, episode_id=f"bench-live-{i}",
-                                                    demo=False, frames=frames, human_steps=range(20, 50)))
+                                                    demo=False, frames=frames, human_steps=range(20, 50),
+                                                    image_size=image_size, cameras=cameras))
         i += 1
 
 
@@ -149,6 +150,10 @@ def main() -> None:
     ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for the run (s).")
     ap.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n float32 matmul (core limit).")
     ap.add_argument("--limit-only", action="store_true", help="Only the core-limit figure (no Delta lake).")
+    ap.add_argument("--cameras", type=int, default=1, help="JPEG frames per row (MetaWorld's first N cameras); the "
+                                                            "model sees every one.")
+    ap.add_argument("--image-size", type=int, default=64,
+                    help="Side of the stored JPEG frames; the model's input stays 64 (frames are resized when built).")
     ap.add_argument("--in-loop", type=Path, default=None, metavar="RUN_DIR",
                     help="The learner inside the loop: `sop run --no-learn` in RUN_DIR (kept, reused), then `sop learn` "
                          "variants alternated against it.")
@@ -181,11 +186,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sop-bench-learner-") as tmp:
         lake = Lakehouse(Path(tmp) / "lake")
         t0 = time.perf_counter()
-        fill_tables(lake, tasks=TASKS, demos_per_task=args.episodes, online_per_task=args.episodes, length=100)
+        from dataclasses import replace
+
+        from sop.actor_settings import CAMERAS
+
+        cameras = CAMERAS[:args.cameras]
+        fill_tables(lake, tasks=TASKS, demos_per_task=args.episodes, online_per_task=args.episodes, length=100,
+                    image_size=args.image_size, cameras=cameras)
         rows = 2 * len(TASKS) * args.episodes * 100
-        print(f"Delta lake filled: {rows:,} rows (64x64 JPEG, 39-d state) in {time.perf_counter() - t0:.1f} s")
+        print(f"Delta lake filled: {rows:,} rows ({args.cameras} × {args.image_size}x{args.image_size} JPEG, 39-d "
+              f"state) in {time.perf_counter() - t0:.1f} s")
 
         model_cfg = ModelConfig()
+        model_cfg = replace(model_cfg, encoder=replace(model_cfg.encoder, cameras=cameras))
         algorithm = make_algorithm(args.algorithm)
         build = BatchBuilder(model_cfg.encoder, HashEmbedder(), chunk=model_cfg.chunk, action_dim=model_cfg.action_dim)
         # the production path: rows checked at ingest and quarantined (learner.quarantine), as run_learning does
@@ -205,7 +218,8 @@ def main() -> None:
         batches_per_s = n_batches / (time.perf_counter() - t0)
 
         stop = multiprocessing.get_context("spawn").Event()
-        writer = multiprocessing.get_context("spawn").Process(target=keep_writing, args=(lake.root, stop), daemon=True)
+        writer = multiprocessing.get_context("spawn").Process(target=keep_writing, daemon=True,
+                                                              args=(lake.root, stop, args.image_size, cameras))
         writer.start()
         fixed_batch = sampler.next_batch()
         fed_rates, fixed_rates, waits = [], [], []
@@ -246,7 +260,7 @@ def main() -> None:
     print(f"episodes picked up from Delta while training: {added}")
     print(f"reproduce: .venv/bin/python -m benchmarks.learner --rounds {args.rounds} --steps {args.steps} "
           f"--batch-size {args.batch_size} --episodes {args.episodes} --threads {args.threads} "
-          f"--algorithm {args.algorithm}")
+          f"--algorithm {args.algorithm} --cameras {args.cameras} --image-size {args.image_size}")
 
 
 def limit_only(args: argparse.Namespace) -> None:

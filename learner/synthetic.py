@@ -53,8 +53,8 @@ class HashEmbedder:
 def synthetic_episode(task: str, length: int, rng: np.random.Generator, *, episode_id: str, demo: bool,
                       frames: Sequence[bytes], human_steps: Iterable[int] = (), outcome: str = "SUCCESS",
                       proprio_dim: int = 39, action_dim: int = 4, image_size: int = 64,
-                      policy_version: str = "1", t0_us: int = T0_US, max_episode_length: int = 150
-                      ) -> list[dict[str, Any]]:
+                      policy_version: str = "1", t0_us: int = T0_US, max_episode_length: int = 150,
+                      cameras: Sequence[str] = ("corner",)) -> list[dict[str, Any]]:
     """The rows of one closed episode: a demonstration (expert label in ``policy_action``) or an online one."""
     human = set(human_steps)
     values = np.linspace(-0.6, -0.1, length)
@@ -72,8 +72,8 @@ def synthetic_episode(task: str, length: int, rng: np.random.Generator, *, episo
             "episode_id": episode_id, "actor_id": "demo-expert" if demo else "synthetic-0", "task": task,
             "instruction": SYNTHETIC_INSTRUCTIONS.get(task, f"do {task}"), "step_index": t,
             "event_time_us": t0_us + t * 33_000, "policy_version": "expert" if demo else policy_version,
-            "images": [{"camera": "corner", "encoding": "jpeg", "width": image_size, "height": image_size,
-                        "data": frames[int(rng.integers(len(frames)))]}],
+            "images": [{"camera": camera, "encoding": "jpeg", "width": image_size, "height": image_size,
+                        "data": frames[int(rng.integers(len(frames)))]} for camera in cameras],
             "proprio": proprio.tolist(), "action": [float(a) for a in executed],
             "policy_action": [float(a) for a in clean] if demo else [float(a) for a in rng.uniform(-1, 1, action_dim)],
             "controller": "HUMAN" if demo or t in human else "POLICY", "env_reward": None,
@@ -94,7 +94,7 @@ def write_rows(lake: Lakehouse, table: str, rows: Sequence[dict[str, Any]], *, a
 
 def fill_tables(lake: Lakehouse, *, tasks: Sequence[str] = tuple(SYNTHETIC_INSTRUCTIONS), demos_per_task: int = 4,
                 online_per_task: int = 4, length: int = 40, image_size: int = 64, proprio_dim: int = 39,
-                seed: int = 0, human_share: float = 0.3) -> dict[str, int | None]:
+                seed: int = 0, human_share: float = 0.3, cameras: Sequence[str] = ("corner",)) -> dict[str, int | None]:
     """Demonstrations and closed online episodes for every task; one commit per table and task."""
     rng = np.random.default_rng(seed)
     frames = jpeg_pool(32, image_size, seed)
@@ -102,14 +102,16 @@ def fill_tables(lake: Lakehouse, *, tasks: Sequence[str] = tuple(SYNTHETIC_INSTR
     for task in tasks:
         demos = [r for i in range(demos_per_task)
                  for r in synthetic_episode(task, length, rng, episode_id=f"demo:{task}:{seed}:{i}", demo=True,
-                                            frames=frames, proprio_dim=proprio_dim, image_size=image_size)]
+                                            frames=frames, proprio_dim=proprio_dim, image_size=image_size,
+                                            cameras=cameras)]
         online = []
         for i in range(online_per_task):
             start = int(rng.integers(0, max(1, length // 2)))
             human = range(start, start + int(length * human_share))
             online += synthetic_episode(task, length, rng, episode_id=f"online:{task}:{seed}:{i}", demo=False,
                                         frames=frames, human_steps=human, proprio_dim=proprio_dim,
-                                        image_size=image_size, outcome="SUCCESS" if i % 2 else "TIMEOUT")
+                                        image_size=image_size, outcome="SUCCESS" if i % 2 else "TIMEOUT",
+                                        cameras=cameras)
         if demos:
             versions["demonstrations"] = write_rows(lake, "demonstrations", demos)
         if online:
