@@ -34,6 +34,7 @@ class Curves:
     version: np.ndarray  # registry version number (None where the episode's policy had none)
     version_text: np.ndarray
     aborted: int = 0  # ABORTED episodes, left out of the arrays
+    aborted_versions: tuple[tuple[int | None, str | None], ...] = ()  # (version, text) of each: they ran too
 
 
 EPISODE_COLUMNS = ["end_time", "task", "outcome", "num_interventions", "human_steps", "policy_version",
@@ -54,6 +55,8 @@ def curves(episodes: pa.Table, *, started_at_s: float) -> Curves:
         version=np.array([r["policy_version"] for r in rows], dtype=object),
         version_text=np.array([r["policy_version_text"] for r in rows], dtype=object),
         aborted=len(every) - len(rows),
+        aborted_versions=tuple((r["policy_version"], r["policy_version_text"]) for r in every
+                               if r["outcome"] == "ABORTED"),
     )
 
 
@@ -72,9 +75,11 @@ def per_version(c: Curves, *, newest: int = 12) -> list[dict]:
 
 
 def version_range(c: Curves) -> dict:
-    """The registry versions that ran: first, last, how many; and the other policies' names (e.g. "expert")."""
-    numbers = sorted({int(v) for v in c.version.tolist() if v is not None})
-    other = sorted({str(t) for v, t in zip(c.version.tolist(), c.version_text.tolist(), strict=True) if v is None})
+    """The registry versions that ran (an ABORTED episode's too: the version did run): first, last, how many; and
+    the other policies' names (e.g. "expert")."""
+    ran = [*zip(c.version.tolist(), c.version_text.tolist(), strict=True), *c.aborted_versions]
+    numbers = sorted({int(v) for v, _ in ran if v is not None})
+    other = sorted({str(t) for v, t in ran if v is None})
     return {"first": numbers[0] if numbers else None, "last": numbers[-1] if numbers else None,
             "count": len(numbers), "other": other}
 

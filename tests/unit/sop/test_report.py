@@ -87,3 +87,12 @@ def test_per_version_rates_held_out_checkpoints_and_aborted_episodes(tmp_path: P
     report = (tmp_path / "report.md").read_text()
     assert "| 6 | 2 | 0.00 | 1.00 | 1.00 |" in report
     assert "| 2.0 | v5 | 0.50 | 0.50 |" in report and "ABORTED episodes (not rated): 1" in report
+
+
+def test_a_version_that_ran_only_aborted_episodes_still_ran(tmp_path: Path) -> None:
+    """The canary can start a new candidate just before the stop: its one episode is ABORTED, not rated, but the
+    version ran (the e2e loop compares the report's range with every episode's version)."""
+    rows = [("reach", "SUCCESS", 0, 0, "5"), ("reach", "ABORTED", 0, 0, "9")]
+    s = write_report(episodes(rows), tmp_path, started_at_s=T0, title="run", window=20)
+    assert {k: s["versions"][k] for k in ("first", "last", "count")} == {"first": 5, "last": 9, "count": 2}
+    assert [v["version"] for v in s["per_version"]] == ["5"]
