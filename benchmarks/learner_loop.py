@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from benchmarks.ingest import cpu_seconds
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,14 @@ class Window:
         return self.cpu_s / self.seconds
 
 
-def process_cpu_s(pid: int) -> float:
-    """utime + stime of every thread of ``pid`` (its children not included)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+def stop(proc: subprocess.Popen, sig: int, *, timeout_s: float) -> None:
+    """Send ``sig``; SIGKILL if it has not exited after ``timeout_s``."""
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def read_step(status: Path) -> int | None:
@@ -82,20 +86,15 @@ def measure_learner(variant: Variant, *, run_dir: Path, warmup_s: float, seconds
                 raise RuntimeError(f"learner {variant.label} did not start training; see {log}")
             time.sleep(0.5)
         time.sleep(warmup_s)
-        step0, cpu0, t0 = read_step(status), process_cpu_s(proc.pid), time.monotonic()
+        step0, cpu0, t0 = read_step(status), cpu_seconds(proc.pid), time.monotonic()
         time.sleep(seconds)
-        step1, cpu1, t1 = read_step(status), process_cpu_s(proc.pid), time.monotonic()
+        step1, cpu1, t1 = read_step(status), cpu_seconds(proc.pid), time.monotonic()
         if step0 is None or step1 is None:
             raise RuntimeError(f"learner {variant.label} stopped while measured; see {log}")
         # the status is rewritten every 2 s: the step count lags by up to that, at both ends alike
         return Window(step1 - step0, t1 - t0, cpu1 - cpu0, os.getloadavg()[0])
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, signal.SIGTERM, timeout_s=90)
 
 
 def start_stack(run_dir: Path, *, actors: int, minutes: float, checkout: Path, log: Path) -> subprocess.Popen:
@@ -129,11 +128,7 @@ def in_loop(*, run_dir: Path, variants: list[Variant], rounds: int, seconds: flo
                 print(f"  round {rnd + 1} {v.label:>12}: {w.steps_per_s:5.2f} steps/s, learner {w.cores:4.2f} cores, "
                       f"{w.steps_per_cpu_s:5.2f} steps per CPU-s (load {w.load:.1f})", flush=True)
     finally:
-        stack.send_signal(signal.SIGINT)
-        try:
-            stack.wait(180)
-        except subprocess.TimeoutExpired:
-            stack.kill()
+        stop(stack, signal.SIGINT, timeout_s=180)
     first = variants[0].label
     base = statistics.median(w.steps_per_s for w in results[first])
     base_cpu = statistics.median(w.steps_per_cpu_s for w in results[first])
